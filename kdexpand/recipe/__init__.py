@@ -1,0 +1,45 @@
+"""Recipes: YAML run descriptions validated against a typed schema."""
+
+from kdexpand.recipe.loader import (
+    RecipeError,
+    apply_override,
+    dump_recipe,
+    load_recipe,
+    load_recipe_dict,
+    validate_recipe,
+)
+from kdexpand.recipe.schema import (
+    AugmentConfig,
+    DataConfig,
+    DistillConfig,
+    ExpandConfig,
+    InitConfig,
+    LossTermConfig,
+    OutputConfig,
+    Recipe,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+    TwinConfig,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "DistillConfig",
+    "ExpandConfig",
+    "InitConfig",
+    "LossTermConfig",
+    "OutputConfig",
+    "Recipe",
+    "RecipeError",
+    "StudentConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "TwinConfig",
+    "apply_override",
+    "dump_recipe",
+    "load_recipe",
+    "load_recipe_dict",
+    "validate_recipe",
+]

@@ -1,0 +1,97 @@
+"""Graceful stops: SIGTERM or SIGINT ends training at the next step boundary, after a checkpoint.
+
+While a :class:`StopRequest` is entered, SIGINT and SIGTERM only set a flag. The trainer
+polls the flag after every optimizer step and before every epoch, saves a checkpoint there
+and raises :class:`TrainingInterrupted`. The command line prints the resume command and
+exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM). The first signal also
+restores the previous handlers, so a second one stops the process at once (the last
+complete checkpoint is kept either way).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+
+import torch
+from accelerate import Accelerator
+
+__all__ = ["StopRequest", "TrainingInterrupted"]
+
+logger = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint.
+
+    Attributes:
+        signal_number: The signal that asked for the stop.
+        checkpoint: The checkpoint folder that a resumed run starts from.
+    """
+
+    def __init__(self, signal_number: int, checkpoint: Path) -> None:
+        self.signal_number = signal_number
+        self.checkpoint = checkpoint
+        name = signal.Signals(signal_number).name
+        super().__init__(f"training stopped by {name}; checkpoint {checkpoint} saved")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for a process ended by a signal: 128 + the signal number."""
+        return 128 + self.signal_number
+
+
+class StopRequest:
+    """Record SIGINT / SIGTERM while entered, for the trainer to act on at a step boundary.
+
+    Outside the ``with`` block, or in a thread other than the main one (where Python cannot
+    install handlers), no handler is installed and :meth:`poll` returns 0 unless a signal
+    was recorded before.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for number in _SIGNALS:
+                self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            # None: the handler was installed outside Python, so it cannot be put back; the
+            # default action is the closest Python can set.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _record(self, number: int, frame: FrameType | None) -> None:
+        self.signal_number = number
+        self._restore()
+        logger.warning(
+            "received %s: training stops after the current step and saves a checkpoint; "
+            "send the signal again to stop at once (the last complete checkpoint is kept)",
+            signal.Signals(number).name,
+        )
+
+    def poll(self, accelerator: Accelerator) -> int:
+        """Return the signal number that asked for a stop on any process, or 0.
+
+        With several processes this is a collective call (a max-reduction), so every
+        process must call it at the same step. They then all stop at that step.
+        """
+        if accelerator.num_processes == 1:
+            return self.signal_number
+        flag = torch.tensor(self.signal_number, device=accelerator.device)
+        return int(accelerator.reduce(flag, "max").item())
