@@ -1,0 +1,159 @@
+"""Numeric failures, with in-process runs on 128 CIFAR-10 images.
+
+A NaN or inf loss stops the run or skips the step. A failed contraction check fails the run
+and keeps the trained ExpandNet.
+
+Non-finite values are injected by patching the task loss or the KD loss for one call, so
+the failing step is known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import kdexpand
+from kdexpand.losses.kd import KDLoss
+from kdexpand.models import SmallNet
+from kdexpand.tasks.classification import ClassificationTask
+from kdexpand.train import main
+from kdexpand.trainer import nonfinite_parts
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENT = str(REPO / "recipes" / "cifar10_ck.yaml")
+KD_STUDENT = str(REPO / "recipes" / "cifar10_ck_kd.yaml")
+BATCHES_PER_EPOCH = 8  # 115 training images in batches of 16
+SLICE = [
+    "data.train_limit=128", "data.eval_limit=32", "train.batch_size=16", "train.deterministic=true",
+    "output.tensorboard=false",
+]
+
+
+def cli_args(recipe: str, out: Path, *pairs: str, flags: tuple[str, ...] = ()) -> list[str]:
+    return [recipe, *[part for pair in [*SLICE, f"output.dir={out}", *pairs] for part in ("--set", pair)], *flags]
+
+
+@pytest.fixture(autouse=True)
+def data_env(shared_data, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KDEXPAND_DATA", str(shared_data))
+    monkeypatch.setenv("KDEXPAND_CACHE", str(tmp_path_factory.getbasetemp() / "numeric_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def poison(monkeypatch, owner: type, name: str, call: int, value: float) -> None:
+    """Make the ``call``-th call of ``owner.name`` return ``value`` (a NaN or inf loss)."""
+    original = getattr(owner, name)
+    count = 0
+
+    def patched(*args, **kwargs):
+        nonlocal count
+        count += 1
+        result = original(*args, **kwargs)
+        return torch.full_like(result, value) if count == call else result
+
+    monkeypatch.setattr(owner, name, patched)
+
+
+def error_line(stderr: str) -> str:
+    """Return the one ``error:`` line among progress bars (``splitlines`` also splits at ``\\r``)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / json.loads((run_dir / "checkpoints" / "last.json").read_text())["dir"]
+
+
+class _OneProcess:
+    num_processes = 1
+
+
+def test_nonfinite_parts_names_terms():
+    parts = {"task": torch.tensor(1.0), "kd": torch.tensor(math.inf), "total": torch.tensor(math.nan)}
+    assert nonfinite_parts(parts, _OneProcess()) == ["kd", "total"]
+    assert nonfinite_parts({"task": torch.tensor(2.0)}, _OneProcess()) == []
+
+
+def test_nan_stops_naming_step_term_checkpoint(monkeypatch, tmp_path, capsys):
+    run_dir = tmp_path / "nan"
+    poison(monkeypatch, ClassificationTask, "loss", BATCHES_PER_EPOCH + 3, math.nan)
+    assert main(cli_args(STUDENT, run_dir, "train.epochs=2")) == 1
+    error = error_line(capsys.readouterr().err)
+
+    assert error.startswith("error: non-finite loss at epoch 2 step 3")
+    assert "task=nan" in error
+    assert f"the last good checkpoint is {run_dir / 'checkpoints' / 'epoch_0001'}" in error
+    assert "--set train.on_nonfinite=skip" in error
+    assert last_checkpoint(run_dir).name == "epoch_0001"
+    assert not (run_dir / "metrics.json").exists()
+
+    # The advice works: resumed with skip, the same batch is skipped and the run finishes.
+    poison(monkeypatch, ClassificationTask, "loss", 3, math.nan)
+    assert main([*cli_args(STUDENT, run_dir, "train.epochs=2", "train.on_nonfinite=skip"), "--resume"]) == 0
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert "skipped_steps" not in history[0]
+    assert history[1]["skipped_steps"] == 1
+    assert all(math.isfinite(entry["loss_total"]) for entry in history)
+
+
+def test_inf_in_transfer_term_is_named(monkeypatch, tmp_path, capsys):
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(teacher))
+    poison(monkeypatch, KDLoss, "forward", 2, math.inf)
+    args = cli_args(KD_STUDENT, tmp_path / "kd", "train.epochs=1", "teacher.model=test_resnet", f"teacher.checkpoint={teacher}")
+    assert main(args) == 1
+    error = error_line(capsys.readouterr().err)
+
+    assert error.startswith("error: non-finite loss at epoch 1 step 2")
+    assert "kd=inf" in error
+    assert "total=inf" in error
+    assert "task=" not in error
+    assert "no checkpoint was saved yet" in error
+
+
+def test_skip_keeps_weights_finite(monkeypatch, tmp_path, caplog):
+    run_dir = tmp_path / "skip"
+    poison(monkeypatch, ClassificationTask, "loss", 4, math.nan)
+    with caplog.at_level(logging.WARNING, logger="kdexpand.trainer.step"):
+        assert main(cli_args(STUDENT, run_dir, "train.epochs=1", "train.on_nonfinite=skip")) == 0
+
+    assert any("non-finite loss at epoch 1 step 4" in record.getMessage() for record in caplog.records)
+    assert any("1 steps of this epoch were skipped" in record.getMessage() for record in caplog.records)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["history"][0]["skipped_steps"] == 1
+    for key, tensor in load_file(run_dir / "expanded.safetensors").items():
+        assert torch.isfinite(tensor).all(), key
+
+
+def test_contraction_failure_keeps_expanded(monkeypatch, tmp_path, capsys):
+    import importlib
+
+    # The package exports a function named finish_run; patch the module's comparison.
+    finish = importlib.import_module("kdexpand.trainer.finish")
+    monkeypatch.setattr(finish, "max_logit_difference", lambda expanded, compact, inputs: (1.0, 1.0))
+    run_dir = tmp_path / "contract"
+    assert main(cli_args(STUDENT, run_dir, "train.epochs=1")) == 1
+    error = error_line(capsys.readouterr().err)
+
+    assert error.startswith("error: contraction check failed")
+    assert f"is kept in {run_dir / 'expanded.safetensors'}" in error
+    assert not (run_dir / "compact.safetensors").exists()
+    assert not (run_dir / "metrics.json").exists()
+
+    kept = load_file(run_dir / "expanded.safetensors")
+    best = load_file(last_checkpoint(run_dir) / "best.safetensors")
+    assert kept.keys() == best.keys()
+    for key in kept:
+        assert torch.equal(kept[key], best[key]), key
+    model = kdexpand.expand(SmallNet(10, 7), conv="ck", rate=4.0)
+    model.load_state_dict(kept, strict=True)
