@@ -17,6 +17,7 @@ __all__ = [
     "RecipeError",
     "apply_override",
     "dump_recipe",
+    "flatten_keys",
     "load_recipe",
     "load_recipe_dict",
     "validate_recipe",
@@ -246,3 +247,16 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def dump_recipe(recipe: Recipe) -> str:
     """Return the resolved recipe as YAML that :func:`load_recipe` reads back unchanged."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to dotted keys, as ``--set`` names them: ``{"train.lr": 0.01}``.
+
+    Lists stay whole values, so a changed loss list counts as one changed key.
+    """
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten_keys(value, f"{prefix}.{key}" if prefix else key))
+    return flat

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from kdexpand.io import write_json, write_text
-from kdexpand.recipe import Recipe, dump_recipe
+from kdexpand.recipe import Recipe, dump_recipe, flatten_keys
 from kdexpand.trainer.checkpoint import (
     CheckpointError,
     TrainState,
@@ -45,23 +45,14 @@ RESUMABLE_KEYS = {
 }
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
 def check_recipe_unchanged(recipe: Recipe, saved_text: str, run_dir: Path) -> None:
     """Raise unless ``recipe`` equals the saved recipe YAML in every key but :data:`RESUMABLE_KEYS`.
 
     Raises:
         CheckpointError: Names every changed key, with old and new values for the first five.
     """
-    saved = _flatten(yaml.safe_load(saved_text))
-    current = _flatten(yaml.safe_load(dump_recipe(recipe)))
+    saved = flatten_keys(yaml.safe_load(saved_text))
+    current = flatten_keys(yaml.safe_load(dump_recipe(recipe)))
     changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
     changed = [key for key in changed if key not in RESUMABLE_KEYS]
     if changed:

@@ -1,0 +1,263 @@
+"""Multi-seed reports: collect finished run directories, group them by recipe, summarize.
+
+A run directory contains the resolved ``recipe.yaml`` and, once the run has finished,
+``metrics.json``. Runs belong to the same group when their recipes are equal in every key
+except those of :data:`IGNORED_KEYS` (the seed, where outputs go, logging), so seeds of one
+experiment are pooled and nothing else is. Every statistic is mean ± sample standard
+deviation (n - 1 in the denominator) over the group's runs, for the test metric of the
+best-on-validation epoch and of the last epoch. The test split never selects anything here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdexpand.recipe import flatten_keys
+
+__all__ = [
+    "IGNORED_KEYS",
+    "GroupSummary",
+    "RunRecord",
+    "Statistic",
+    "collect_runs",
+    "format_csv",
+    "format_markdown",
+    "group_runs",
+    "summarize",
+]
+
+# Recipe keys that do not change what a run measures. ``name`` is left out too, so a copy
+# of a recipe under another file name pools with the original.
+IGNORED_KEYS = frozenset({
+    "name", "train.seed", "train.log_every", "data.root", "data.cache",
+    "output.dir", "output.onnx", "output.tensorboard",
+})
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run: its directory, flattened recipe and ``metrics.json`` contents."""
+
+    path: Path
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def seed(self) -> Any:
+        return self.recipe.get("train.seed")
+
+    @property
+    def name(self) -> str:
+        return str(self.recipe.get("name", self.path.name))
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """Mean and sample standard deviation of ``values``; ``std`` is NaN for a single run."""
+
+    values: tuple[float, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.count > 1 else math.nan
+
+    def format(self, digits: int = 2) -> str:
+        if self.count == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class GroupSummary:
+    """The runs of one experiment and the statistics over them."""
+
+    label: str
+    runs: list[RunRecord]
+    statistics: dict[str, Statistic] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted(run.seed for run in self.runs)
+
+
+def _run_directories(paths: Iterable[str | Path]) -> list[Path]:
+    """Return every folder with a ``recipe.yaml`` at or under ``paths``, in sorted order."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"run directory {path} not found; pass run directories or folders that contain them")
+        found.update(recipe.parent for recipe in path.rglob("recipe.yaml"))
+    return sorted(found)
+
+
+def collect_runs(paths: Iterable[str | Path]) -> tuple[list[RunRecord], list[str]]:
+    """Read the finished runs at or under ``paths``.
+
+    Returns:
+        The finished runs, and one message per run directory that was skipped (no
+        ``metrics.json`` yet, so the run is unfinished or failed).
+
+    Raises:
+        FileNotFoundError: A path does not exist, or no run directory is under any path.
+    """
+    paths = list(paths)
+    directories = _run_directories(paths)
+    if not directories:
+        raise FileNotFoundError(
+            f"no run directory (a folder with recipe.yaml) under {', '.join(map(str, paths))}; "
+            "pass the output.dir of finished runs"
+        )
+    runs: list[RunRecord] = []
+    skipped: list[str] = []
+    for directory in directories:
+        metrics_path = directory / "metrics.json"
+        if not metrics_path.is_file():
+            skipped.append(f"{directory}: no metrics.json (unfinished or failed run), left out")
+            continue
+        recipe = flatten_keys(yaml.safe_load((directory / "recipe.yaml").read_text()))
+        metrics = json.loads(metrics_path.read_text())
+        runs.append(RunRecord(directory, recipe, metrics))
+    return runs, skipped
+
+
+def _experiment_key(run: RunRecord, ignored: frozenset[str]) -> str:
+    kept = {key: value for key, value in run.recipe.items() if key not in ignored}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _differing_keys(groups: Sequence[list[RunRecord]], ignored: frozenset[str]) -> list[str]:
+    """Return the recipe keys whose values differ between groups, sorted."""
+    keys = set().union(*(run.recipe for runs in groups for run in runs)) - ignored
+    return sorted(
+        key for key in keys
+        if len({json.dumps(runs[0].recipe.get(key), default=str) for runs in groups}) > 1
+    )
+
+
+def _label(runs: list[RunRecord], differing: list[str], ambiguous: bool) -> str:
+    label = "+".join(sorted({run.name for run in runs}))
+    if ambiguous:
+        first = runs[0].recipe
+        label += " (" + ", ".join(f"{key}={first.get(key)}" for key in differing[:3]) + ")"
+    return label
+
+
+def group_runs(runs: Sequence[RunRecord], ignore: Iterable[str] = ()) -> list[GroupSummary]:
+    """Group ``runs`` by recipe, ignoring :data:`IGNORED_KEYS` and the extra keys ``ignore``.
+
+    Each group is labelled by its recipe names. Where two groups would get the same label,
+    the first three recipe keys that tell them apart are appended.
+    """
+    ignored = IGNORED_KEYS | frozenset(ignore)
+    by_key: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        by_key.setdefault(_experiment_key(run, ignored), []).append(run)
+    grouped = list(by_key.values())
+    differing = _differing_keys(grouped, ignored)
+    plain = [_label(group, differing, ambiguous=False) for group in grouped]
+    return [
+        GroupSummary(_label(group, differing, ambiguous=plain.count(name) > 1), group)
+        for group, name in zip(grouped, plain)
+    ]
+
+
+def _duplicate_seed_warnings(group: GroupSummary) -> list[str]:
+    warnings = []
+    for seed in sorted(set(group.seeds)):
+        paths = [str(run.path) for run in group.runs if run.seed == seed]
+        if len(paths) > 1:
+            warnings.append(
+                f"{group.label}: seed {seed} appears in {len(paths)} runs ({', '.join(paths)}); "
+                "repeated seeds understate the spread, so keep one run per seed"
+            )
+    return warnings
+
+
+def _metric_values(group: GroupSummary, name: str, lookup) -> tuple[float, ...] | None:
+    values = [lookup(run.metrics) for run in group.runs]
+    if any(value is None for value in values):
+        return None
+    return tuple(float(value) for value in values)
+
+
+def summarize(groups: Sequence[GroupSummary], metric: str = "top1") -> list[GroupSummary]:
+    """Fill every group's statistics for ``metric`` (``top1``, ``top5``, ...) and its warnings.
+
+    A statistic is present when every run of the group has its value. ``compact_best`` and
+    ``compact_last`` are the compact network's test metric at the best-on-validation epoch
+    and at the last epoch, and ``expanded_best`` is the ExpandNet's. ``val_best`` is the
+    validation metric that chose the best epoch, ``best_epoch`` that epoch, and ``teacher``
+    the teacher's test metric.
+    """
+    lookups = {
+        "compact_best": lambda m: m.get("best", {}).get(f"compact_{metric}"),
+        "compact_last": lambda m: m.get("last", {}).get(f"compact_{metric}"),
+        "expanded_best": lambda m: m.get("best", {}).get(f"expanded_{metric}"),
+        "val_best": lambda m: m.get("best", {}).get(f"val_{metric}"),
+        "best_epoch": lambda m: m.get("best", {}).get("epoch"),
+        "teacher": lambda m: m.get(f"teacher_{metric}"),
+    }
+    for group in groups:
+        group.statistics = {}
+        for name, lookup in lookups.items():
+            values = _metric_values(group, name, lookup)
+            if values is not None:
+                group.statistics[name] = Statistic(values)
+        if "compact_best" not in group.statistics:
+            group.warnings.append(f"{group.label}: no run has compact_{metric} in metrics.json; check --metric")
+        group.warnings.extend(_duplicate_seed_warnings(group))
+    return list(groups)
+
+
+_COLUMNS = [
+    ("compact_best", "compact test {metric} @ best val"),
+    ("compact_last", "compact test {metric} @ last"),
+    ("val_best", "val {metric} @ best"),
+    ("best_epoch", "best epoch"),
+    ("teacher", "teacher test {metric}"),
+]
+
+
+def format_markdown(groups: Sequence[GroupSummary], metric: str = "top1") -> str:
+    """Return a Markdown table: one row per group, mean ± std over its seeds."""
+    header = ["experiment", "runs", "seeds"] + [title.format(metric=metric) for _, title in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(_COLUMNS)]
+    for group in groups:
+        cells = [group.label, str(len(group.runs)), ",".join(map(str, group.seeds))]
+        for key, _ in _COLUMNS:
+            statistic = group.statistics.get(key)
+            digits = 1 if key == "best_epoch" else 2
+            cells.append(statistic.format(digits) if statistic is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_csv(groups: Sequence[GroupSummary]) -> str:
+    """Return CSV with one row per group: count, mean and std of every statistic."""
+    names = [key for key, _ in _COLUMNS] + ["expanded_best"]
+    header = ["experiment", "runs", "seeds"] + [f"{key}_{part}" for key in names for part in ("mean", "std")]
+    rows = [",".join(header)]
+    for group in groups:
+        cells = [json.dumps(group.label), str(len(group.runs)), json.dumps(" ".join(map(str, group.seeds)))]
+        for key in names:
+            statistic = group.statistics.get(key)
+            cells += ["", ""] if statistic is None else [repr(statistic.mean), repr(statistic.std)]
+        rows.append(",".join(cells))
+    return "\n".join(rows)

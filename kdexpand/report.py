@@ -1,0 +1,59 @@
+"""Command line entry point: ``python -m kdexpand.report RUN_DIR [RUN_DIR ...]``.
+
+Prints one row per experiment (runs whose recipes differ only in the seed and the output
+location) with mean ± sample standard deviation over its seeds. Exit status 0 on success,
+1 when no finished run is found or a path is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdexpand.analysis.runs import IGNORED_KEYS, collect_runs, format_csv, format_markdown, group_runs, summarize
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kdexpand.report",
+        description="Summarize finished runs over seeds: mean ± std of the best-on-validation and last epochs.",
+    )
+    parser.add_argument("paths", nargs="+", help="run directories, or folders searched for them (e.g. runs/)")
+    parser.add_argument("--metric", default="top1", help="metric name in metrics.json, e.g. top1 or top5 (default top1)")
+    parser.add_argument(
+        "--ignore", action="append", default=[], metavar="KEY",
+        help=(
+            "another recipe key to ignore when grouping, e.g. teacher.checkpoint when each seed has its own "
+            f"teacher (repeatable; always ignored: {', '.join(sorted(IGNORED_KEYS))})"
+        ),
+    )
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="output format (default markdown)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs, skipped = collect_runs(args.paths)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for message in skipped:
+        print(f"note: {message}", file=sys.stderr)
+    if not runs:
+        print("error: none of the run directories has finished (no metrics.json); nothing to report", file=sys.stderr)
+        return 1
+
+    groups = summarize(group_runs(runs, args.ignore), args.metric)
+    print(format_markdown(groups, args.metric) if args.format == "markdown" else format_csv(groups))
+    for group in groups:
+        for warning in group.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
