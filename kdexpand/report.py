@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdexpand.analysis.runs import IGNORED_KEYS, collect_runs, format_csv, format_markdown, group_runs, summarize
+from kdexpand.analysis.runs import (
+    IGNORED_KEYS,
+    collect_runs,
+    format_csv,
+    format_markdown,
+    group_runs,
+    plot_curves,
+    summarize,
+)
 
 __all__ = ["main", "parse_args"]
 
@@ -31,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="output format (default markdown)")
+    parser.add_argument("--plot", metavar="FILE", help="also plot validation curves, mean ± std per group, to FILE (.png, .pdf, .svg)")
     return parser.parse_args(argv)
 
 
@@ -49,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 
     groups = summarize(group_runs(runs, args.ignore), args.metric)
     print(format_markdown(groups, args.metric) if args.format == "markdown" else format_csv(groups))
+    if args.plot:
+        try:
+            written = plot_curves(groups, args.plot, args.metric)
+        except (OSError, ValueError) as error:
+            print(f"error: cannot write the plot to {args.plot}: {error}; use a .png, .pdf or .svg file in an existing folder", file=sys.stderr)
+            return 1
+        print(f"note: validation curves written to {written}", file=sys.stderr)
     for group in groups:
         for warning in group.warnings:
             print(f"warning: {warning}", file=sys.stderr)

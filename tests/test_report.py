@@ -31,6 +31,7 @@ def make_run(folder: Path, seed: int, compact_best: float, *, extra: tuple[str, 
             "best": {"compact_top1": compact_best, "expanded_top1": compact_best, "val_top1": compact_best + 1, "epoch": 10 + seed},
             "last": {"compact_top1": compact_best - 0.5, "expanded_top1": compact_best - 0.5, "val_top1": compact_best, "epoch": 20},
         }
+        metrics["history"] = [{"epoch": epoch, "val_top1": compact_best - 20 + epoch} for epoch in range(1, 21)]
         (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
 
@@ -137,6 +138,23 @@ def test_cli_missing_path_one_line(tmp_path, capsys):
     assert status == 1
     assert error.count("\n") == 1
     assert "nowhere not found" in error
+
+
+def test_cli_plot_writes_png(three_seeds, tmp_path, capsys):
+    plot = tmp_path / "curves.png"
+
+    assert main([str(three_seeds / "ck"), "--plot", str(plot)]) == 0
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "validation curves written" in capsys.readouterr().err
+
+
+def test_cli_plot_bad_format(three_seeds, tmp_path, capsys):
+    status = main([str(three_seeds / "ck"), "--plot", str(tmp_path / "curves.xyz")])
+    error = capsys.readouterr().err
+
+    assert status == 1
+    assert error.count("\n") == 1
+    assert "use a .png, .pdf or .svg file" in error
 
 
 def test_cli_no_finished_runs(tmp_path, capsys):

@@ -31,6 +31,7 @@ __all__ = [
     "format_csv",
     "format_markdown",
     "group_runs",
+    "plot_curves",
     "summarize",
 ]
 
@@ -261,3 +262,38 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
             cells += ["", ""] if statistic is None else [repr(statistic.mean), repr(statistic.std)]
         rows.append(",".join(cells))
     return "\n".join(rows)
+
+
+def plot_curves(groups: Sequence[GroupSummary], path: str | Path, metric: str = "top1") -> Path:
+    """Plot every group's validation ``metric`` per epoch, mean line and ± std band, to ``path``.
+
+    Epochs that not every run of a group reached are left out of that group's curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, so no display is needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for group in groups:
+        key = f"val_{metric}"
+        curves = [[entry[key] for entry in run.metrics.get("history", []) if key in entry] for run in group.runs]
+        length = min(len(curve) for curve in curves)
+        if length == 0:
+            continue
+        epochs = range(1, length + 1)
+        per_epoch = [Statistic(tuple(curve[index] for curve in curves)) for index in range(length)]
+        means = [statistic.mean for statistic in per_epoch]
+        spreads = [0.0 if statistic.count == 1 else statistic.std for statistic in per_epoch]
+        axes.plot(epochs, means, label=f"{group.label} (n={len(group.runs)})")
+        lower = [mean - spread for mean, spread in zip(means, spreads)]
+        upper = [mean + spread for mean, spread in zip(means, spreads)]
+        axes.fill_between(epochs, lower, upper, alpha=0.2)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(f"validation {metric} (%)")
+    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    path = Path(path)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
