@@ -50,18 +50,26 @@ def compose_conv(
     p, in_per_group, k1h, k1w = first_weight.shape
     n, p_per_group, k2h, k2w = second_weight.shape
 
-    # Outer products of the kernel taps, one matrix product per group:
-    # taps[g, o, i, a, b] = Σ_c W2[g, o, c, b] · W1[g, c, i, a] for tap a of W1 and tap b of W2.
     first = first_weight.reshape(groups, p // groups, in_per_group, k1h * k1w)
     second = second_weight.reshape(groups, n // groups, p_per_group, k2h * k2w)
-    taps = torch.einsum("gocb,gcia->goiab", second, first)
-
-    # Tap a of W1 combined with tap b of W2 lands at offset a + b of the composed kernel.
-    # fold sums the k1h×k1w blocks placed at each of the k2h×k2w offsets: a col2im.
-    blocks = taps.reshape(1, n * in_per_group * k1h * k1w, k2h * k2w)
     kernel_size = (k1h + k2h - 1, k1w + k2w - 1)
-    weight = F.fold(blocks, output_size=kernel_size, kernel_size=(k1h, k1w))
-    weight = weight.reshape(n, in_per_group, *kernel_size)
+    if k1h * k1w == 1 or k2h * k2w == 1:
+        # A 1×1 factor (as in CL) only mixes channels: one matrix product per group and
+        # no tap placement, which saves the fold and its backward on every step.
+        weight = torch.einsum("gocb,gci->goib", second, first[..., 0]) if k1h * k1w == 1 else (
+            torch.einsum("goc,gcia->goia", second[..., 0], first)
+        )
+        weight = weight.reshape(n, in_per_group, *kernel_size)
+    else:
+        # Outer products of the kernel taps, one matrix product per group:
+        # taps[g, o, i, a, b] = Σ_c W2[g, o, c, b] · W1[g, c, i, a] for tap a of W1 and tap b of W2.
+        taps = torch.einsum("gocb,gcia->goiab", second, first)
+
+        # Tap a of W1 combined with tap b of W2 lands at offset a + b of the composed kernel.
+        # fold sums the k1h×k1w blocks placed at each of the k2h×k2w offsets: a col2im.
+        blocks = taps.reshape(1, n * in_per_group * k1h * k1w, k2h * k2w)
+        weight = F.fold(blocks, output_size=kernel_size, kernel_size=(k1h, k1w))
+        weight = weight.reshape(n, in_per_group, *kernel_size)
 
     bias = second_bias
     if first_bias is not None:
