@@ -39,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="output format (default markdown)")
-    parser.add_argument("--plot", metavar="FILE", help="also plot validation curves, mean ± std per group, to FILE (.png, .pdf, .svg)")
+    parser.add_argument("--plot", metavar="FILE", help="also plot per-epoch curves, mean ± std per group, to FILE (.png, .pdf, .svg)")
+    parser.add_argument(
+        "--curve", metavar="KEY",
+        help="epoch-history key to plot, e.g. loss_total or grad_cos_min (default val_<metric>)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_markdown(groups, args.metric) if args.format == "markdown" else format_csv(groups))
     if args.plot:
         try:
-            written = plot_curves(groups, args.plot, args.metric)
+            written = plot_curves(groups, args.plot, args.curve or f"val_{args.metric}")
         except (OSError, ValueError) as error:
-            print(f"error: cannot write the plot to {args.plot}: {error}; use a .png, .pdf or .svg file in an existing folder", file=sys.stderr)
+            print(f"error: cannot write the plot to {args.plot}: {error}", file=sys.stderr)
             return 1
-        print(f"note: validation curves written to {written}", file=sys.stderr)
+        print(f"note: curves written to {written}", file=sys.stderr)
     for group in groups:
         for warning in group.warnings:
             print(f"warning: {warning}", file=sys.stderr)

@@ -145,7 +145,7 @@ def test_cli_plot_writes_png(three_seeds, tmp_path, capsys):
 
     assert main([str(three_seeds / "ck"), "--plot", str(plot)]) == 0
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "validation curves written" in capsys.readouterr().err
+    assert "curves written" in capsys.readouterr().err
 
 
 def test_cli_plot_bad_format(three_seeds, tmp_path, capsys):
@@ -154,7 +154,16 @@ def test_cli_plot_bad_format(three_seeds, tmp_path, capsys):
 
     assert status == 1
     assert error.count("\n") == 1
-    assert "use a .png, .pdf or .svg file" in error
+    assert "Format 'xyz' is not supported" in error
+
+
+def test_cli_plot_unknown_curve(three_seeds, tmp_path, capsys):
+    status = main([str(three_seeds / "ck"), "--plot", str(tmp_path / "curves.png"), "--curve", "grad_cos_min"])
+    error = capsys.readouterr().err
+
+    assert status == 1
+    assert "no run has 'grad_cos_min' in its epoch history" in error
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_cli_no_finished_runs(tmp_path, capsys):

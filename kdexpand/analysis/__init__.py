@@ -1,6 +1,18 @@
-"""Analysis tools: parameter and MAC counts, multi-seed reports over run directories."""
+"""Analysis tools: parameter and MAC counts, gradient confusion, multi-seed reports."""
 
 from kdexpand.analysis.counts import count_macs, count_params
-from kdexpand.analysis.runs import collect_runs, format_csv, format_markdown, group_runs, summarize
+from kdexpand.analysis.gradients import GradientConfusion, gradient_confusion
+from kdexpand.analysis.runs import collect_runs, format_csv, format_markdown, group_runs, plot_curves, summarize
 
-__all__ = ["collect_runs", "count_macs", "count_params", "format_csv", "format_markdown", "group_runs", "summarize"]
+__all__ = [
+    "GradientConfusion",
+    "collect_runs",
+    "count_macs",
+    "count_params",
+    "format_csv",
+    "format_markdown",
+    "gradient_confusion",
+    "group_runs",
+    "plot_curves",
+    "summarize",
+]

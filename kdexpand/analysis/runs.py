@@ -264,10 +264,15 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
     return "\n".join(rows)
 
 
-def plot_curves(groups: Sequence[GroupSummary], path: str | Path, metric: str = "top1") -> Path:
-    """Plot every group's validation ``metric`` per epoch, mean line and ± std band, to ``path``.
+def plot_curves(groups: Sequence[GroupSummary], path: str | Path, key: str = "val_top1") -> Path:
+    """Plot the per-epoch history value ``key`` of every group, mean line and ± std band, to ``path``.
 
+    ``key`` is any entry of the epoch history in ``metrics.json``: ``val_top1``,
+    ``loss_total``, ``grad_cos_min`` (with ``analysis.gradient_confusion_batches``) and so on.
     Epochs that not every run of a group reached are left out of that group's curve.
+
+    Raises:
+        ValueError: No run has ``key`` in its history, or ``path`` has an unknown format.
     """
     import matplotlib
 
@@ -275,8 +280,8 @@ def plot_curves(groups: Sequence[GroupSummary], path: str | Path, metric: str = 
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    plotted = 0
     for group in groups:
-        key = f"val_{metric}"
         curves = [[entry[key] for entry in run.metrics.get("history", []) if key in entry] for run in group.runs]
         length = min(len(curve) for curve in curves)
         if length == 0:
@@ -286,14 +291,20 @@ def plot_curves(groups: Sequence[GroupSummary], path: str | Path, metric: str = 
         means = [statistic.mean for statistic in per_epoch]
         spreads = [0.0 if statistic.count == 1 else statistic.std for statistic in per_epoch]
         axes.plot(epochs, means, label=f"{group.label} (n={len(group.runs)})")
+        plotted += 1
         lower = [mean - spread for mean, spread in zip(means, spreads)]
         upper = [mean + spread for mean, spread in zip(means, spreads)]
         axes.fill_between(epochs, lower, upper, alpha=0.2)
+    if not plotted:
+        plt.close(figure)
+        raise ValueError(f"no run has {key!r} in its epoch history; name a key of the history in metrics.json")
     axes.set_xlabel("epoch")
-    axes.set_ylabel(f"validation {metric} (%)")
+    axes.set_ylabel(key)
     axes.legend(fontsize="small")
     axes.grid(alpha=0.3)
     path = Path(path)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(figure)
     return path

@@ -10,6 +10,7 @@ from kdexpand.recipe.loader import (
     validate_recipe,
 )
 from kdexpand.recipe.schema import (
+    AnalysisConfig,
     AugmentConfig,
     DataConfig,
     DistillConfig,
@@ -25,6 +26,7 @@ from kdexpand.recipe.schema import (
 )
 
 __all__ = [
+    "AnalysisConfig",
     "AugmentConfig",
     "DataConfig",
     "DistillConfig",

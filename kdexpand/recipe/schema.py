@@ -26,6 +26,7 @@ from pydantic import (
 from kdexpand.losses import LOSSES, validate_loss_params
 
 __all__ = [
+    "AnalysisConfig",
     "AugmentConfig",
     "DataConfig",
     "DistillConfig",
@@ -381,6 +382,26 @@ class InitConfig(StrictModel):
     twin: TwinConfig
 
 
+class AnalysisConfig(StrictModel):
+    """Measurements taken during training that leave the training itself unchanged.
+
+    ``gradient_confusion_batches``: after every epoch, the pairwise cosine similarities of
+    the task-loss gradients of that many training mini-batches (not augmented) are measured,
+    and their minimum and mean are logged (see :mod:`kdexpand.analysis.gradients`). 0 turns
+    the measurement off. It costs one forward and backward pass per mini-batch and keeps
+    that many gradient copies in memory.
+    """
+
+    gradient_confusion_batches: int = Field(0, ge=0)
+
+    @field_validator("gradient_confusion_batches")
+    @classmethod
+    def _check_batches(cls, batches: int) -> int:
+        if batches == 1:
+            raise ValueError("one mini-batch has no pair to compare; use 0 (off) or at least 2, e.g. 15 for 105 pairs")
+        return batches
+
+
 class OutputConfig(StrictModel):
     """Run directory location and optional outputs.
 
@@ -404,6 +425,7 @@ class Recipe(StrictModel):
     distill: DistillConfig = DistillConfig()
     train: TrainConfig
     init: InitConfig | None = None
+    analysis: AnalysisConfig = AnalysisConfig()
     output: OutputConfig = OutputConfig()
 
     @field_validator("task")

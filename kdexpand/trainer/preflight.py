@@ -18,10 +18,10 @@ from torch import nn
 
 import kdexpand
 from kdexpand.expansion import ExpandedLinear, ExpansionReport
-from kdexpand.recipe import ExpandConfig, Recipe, RecipeError, TrainConfig
+from kdexpand.recipe import AnalysisConfig, ExpandConfig, Recipe, RecipeError, TrainConfig
 from kdexpand.tasks import Task
 
-__all__ = ["check_expansion", "check_splits", "load_data_checked", "recipe_section"]
+__all__ = ["check_analysis", "check_expansion", "check_splits", "load_data_checked", "recipe_section"]
 
 _CPU = torch.device("cpu")
 
@@ -104,6 +104,21 @@ def check_splits(task: Task, train: TrainConfig, world_size: int) -> None:
         raise RecipeError(
             f"data: the validation split has fewer images than the {world_size} processes, so some "
             "would have none to check contraction on; raise data.val_size or data.eval_limit"
+        )
+
+
+def check_analysis(task: Task, config: AnalysisConfig) -> None:
+    """Check that the training split has the mini-batches that the analysis measures on.
+
+    Raises:
+        RecipeError: ``analysis.gradient_confusion_batches`` exceeds the training batches.
+    """
+    requested = config.gradient_confusion_batches
+    available = len(task.train_batches(_CPU, 0, 1))
+    if requested > available:
+        raise RecipeError(
+            f"analysis.gradient_confusion_batches={requested} is more than the {available} training "
+            "mini-batches; lower it, lower train.batch_size or raise data.train_limit"
         )
 
 

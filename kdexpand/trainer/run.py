@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from kdexpand.analysis.gradients import gradient_confusion
 from kdexpand.io import write_json, write_text
 from kdexpand.recipe import Recipe, dump_recipe, flatten_keys
 from kdexpand.trainer.checkpoint import (
@@ -39,9 +41,10 @@ logger = logging.getLogger(__name__)
 
 # Recipe keys that may differ on --resume. More epochs extend a run, except under a cosine
 # schedule, whose length is fixed. Logging and outputs are extras, a run directory may have
-# moved, and on_nonfinite may rescue a run that stopped on a NaN loss.
+# moved, and on_nonfinite may rescue a run that stopped on a NaN loss. Analysis never changes
+# the training trajectory.
 RESUMABLE_KEYS = {
-    "train.epochs", "train.log_every", "train.on_nonfinite", "output.dir", "output.onnx", "output.tensorboard",
+    "analysis.gradient_confusion_batches", "train.epochs", "train.log_every", "train.on_nonfinite", "output.dir", "output.onnx", "output.tensorboard",
 }
 
 
@@ -235,9 +238,13 @@ def _train_and_save_epoch(ctx: RunContext, epoch: int, stop: StopRequest) -> Non
     ctx.scheduler.step()
     val = evaluate(ctx.model, ctx.task, "val", accelerator)
 
+    analysis = _measure_gradient_confusion(ctx, epoch)
+
     ctx.state.epoch = epoch + 1
     ctx.state.train_seconds += stats["epoch_seconds"]
-    ctx.state.history.append({"epoch": epoch + 1, "lr": lr, **stats, **{f"val_{k}": v for k, v in val.items()}})
+    ctx.state.history.append(
+        {"epoch": epoch + 1, "lr": lr, **stats, **{f"val_{k}": v for k, v in val.items()}, **analysis}
+    )
     if val[metric] > ctx.state.best_score:
         # The checkpoint below stores the best weights with this state.
         ctx.state.best_score, ctx.state.best_epoch = val[metric], epoch + 1
@@ -249,7 +256,24 @@ def _train_and_save_epoch(ctx: RunContext, epoch: int, stop: StopRequest) -> Non
         ctx.state.best_epoch, stats["images_per_s"], 100 * stats["data_time_fraction"],
     )
     logged = {f"{prefix}train/{k}": v for k, v in stats.items()} | {f"{prefix}val/{k}": v for k, v in val.items()}
+    logged |= {f"{prefix}analysis/{k}": v for k, v in analysis.items()}
     accelerator.log({**logged, f"{prefix}train/lr": lr}, step=epoch + 1)
+
+
+def _measure_gradient_confusion(ctx: RunContext, epoch: int) -> dict[str, float]:
+    """Return the gradient confusion after ``epoch`` when the recipe asks for it, else nothing.
+
+    Every process measures the same mini-batches (the first ones of the next epoch's order
+    on one shard) with the same weights, so histories agree without communication.
+    """
+    count = ctx.recipe.analysis.gradient_confusion_batches
+    if not count:
+        return {}
+    batches = ctx.task.train_batches(ctx.accelerator.device, rank=0, world_size=1)
+    batches.set_epoch(epoch + 1)
+    prepared = (ctx.task.prepare_batch(batch, train=False) for batch in itertools.islice(batches, count))
+    confusion = gradient_confusion(ctx.student, ctx.task.loss, prepared)
+    return {"grad_cos_min": confusion.minimum, "grad_cos_mean": confusion.mean, "grad_pairs": confusion.pairs}
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from kdexpand.tasks import Task, build_task
 from kdexpand.teachers import build_teacher, check_teacher_checkpoint
 from kdexpand.trainer.checkpoint import TrainState
 from kdexpand.trainer.optim import build_optimizer, build_scheduler
-from kdexpand.trainer.preflight import check_expansion, check_splits, load_data_checked, recipe_section
+from kdexpand.trainer.preflight import check_analysis, check_expansion, check_splits, load_data_checked, recipe_section
 
 __all__ = [
     "RunContext",
@@ -258,6 +258,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     task = build_task(recipe)
     load_data_checked(task, accelerator)
     check_splits(task, recipe.train, accelerator.num_processes)
+    check_analysis(task, recipe.analysis)
     with recipe_section("student"):
         compact, student = build_student(recipe, task)
     if student is not compact:
