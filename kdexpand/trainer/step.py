@@ -10,6 +10,7 @@ next optimizer step with ``ctx.state.step`` and ``ctx.state.partial`` set for a 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -136,6 +137,8 @@ def train_epoch(ctx: RunContext, epoch: int, stop: StopRequest | None = None) ->
     with tqdm(
         total=num_batches, initial=start_step, desc=f"{ctx.log_prefix}epoch {epoch + 1}/{ctx.train.epochs}",
         leave=False, disable=not accelerator.is_main_process, dynamic_ncols=True,
+        # Redirected to a log file, every refresh would become a line: refresh once a minute there.
+        mininterval=0.1 if sys.stderr.isatty() else 60.0,
     ) as progress:
         for step, batch in enumerate(ctx.train_batches):
             if step < start_step:
