@@ -12,6 +12,7 @@ strings and plain containers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -92,8 +93,21 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically."""
-    return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write ``data`` as indented JSON atomically; NaN and infinite floats become ``null``.
+
+    JSON has no NaN or infinity, and strict parsers reject Python's ``NaN`` extension.
+    """
+    return write_text(path, json.dumps(_finite_or_null(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(value) for value in data]
+    return data
 
 
 def save_safetensors(

@@ -9,6 +9,7 @@ the failing step is known exactly.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -157,3 +158,114 @@ def test_contraction_failure_keeps_expanded(monkeypatch, tmp_path, capsys):
         assert torch.equal(kept[key], best[key]), key
     model = kdexpand.expand(SmallNet(10, 7), conv="ck", rate=4.0)
     model.load_state_dict(kept, strict=True)
+
+
+def test_skip_drops_batchnorm_update_of_nan_batch(monkeypatch, tmp_path):
+    """A NaN input batch updates no running statistics when its step is skipped."""
+    original = ClassificationTask.prepare_batch
+    calls = 0
+
+    def nan_third_training_batch(self, batch, train, generator=None):
+        nonlocal calls
+        inputs, targets = original(self, batch, train, generator)
+        if train:
+            calls += 1
+            if calls == 3:
+                inputs = torch.full_like(inputs, math.nan)
+        return inputs, targets
+
+    monkeypatch.setattr(ClassificationTask, "prepare_batch", nan_third_training_batch)
+    run_dir = tmp_path / "nan_input"
+    assert main(cli_args(STUDENT, run_dir, "train.epochs=1", "train.on_nonfinite=skip")) == 0
+
+    weights = load_file(run_dir / "expanded.safetensors")
+    running = [key for key in weights if key.endswith(("running_mean", "running_var"))]
+    assert running
+    for key in running:
+        assert torch.isfinite(weights[key]).all(), key
+    assert json.loads((run_dir / "metrics.json").read_text())["history"][0]["skipped_steps"] == 1
+
+
+def _poison_gradient(monkeypatch, call: int) -> None:
+    """Make the ``call``-th backward pass leave an infinite gradient behind a finite loss."""
+    from accelerate import Accelerator
+
+    original = Accelerator.backward
+    count = 0
+
+    def backward(self, loss, **kwargs):
+        nonlocal count
+        original(self, loss, **kwargs)
+        count += 1
+        if count == call:
+            for parameter in self._models[0].parameters():
+                if parameter.grad is not None:
+                    parameter.grad.fill_(math.inf)
+                    return
+
+    monkeypatch.setattr(Accelerator, "backward", backward)
+
+
+def test_inf_gradient_stops_naming_step(monkeypatch, tmp_path, capsys):
+    _poison_gradient(monkeypatch, 3)
+    assert main(cli_args(STUDENT, tmp_path / "grad", "train.epochs=1")) == 1
+    error = error_line(capsys.readouterr().err)
+
+    assert error.startswith("error: non-finite gradient at epoch 1 step 3")
+    assert "every loss term was finite" in error
+
+
+def test_inf_gradient_skipped(monkeypatch, tmp_path):
+    _poison_gradient(monkeypatch, 3)
+    run_dir = tmp_path / "grad_skip"
+    assert main(cli_args(STUDENT, run_dir, "train.epochs=1", "train.on_nonfinite=skip")) == 0
+
+    assert json.loads((run_dir / "metrics.json").read_text())["history"][0]["skipped_steps"] == 1
+    for key, tensor in load_file(run_dir / "expanded.safetensors").items():
+        assert torch.isfinite(tensor).all(), key
+
+
+def test_diverged_run_fails_contraction(tmp_path, capsys):
+    """lr=1e38 with skip: every later loss is NaN and skipped, and the final check fails the run."""
+    run_dir = tmp_path / "overflow"
+    assert main(cli_args(STUDENT, run_dir, "train.epochs=1", "train.lr=1e38", "train.on_nonfinite=skip")) == 1
+    error = error_line(capsys.readouterr().err)
+
+    assert error.startswith("error: contraction check failed: the logits are not finite")
+    assert not (run_dir / "compact.safetensors").exists()
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_nonfinite_parameters_stop_before_save(tmp_path):
+    from types import SimpleNamespace
+
+    from kdexpand.trainer import LossCheckError
+    from kdexpand.trainer.step import check_parameters_finite
+
+    student = SmallNet(10, 7)
+    with torch.no_grad():
+        student.fc.weight[0, 0] = math.inf
+    ctx = SimpleNamespace(student=student, distiller=torch.nn.Module(), log_prefix="", checkpoint_dir=tmp_path)
+    with pytest.raises(LossCheckError, match=r"parameters became non-finite in epoch 2 \(fc.weight\)"):
+        check_parameters_finite(ctx, 1)
+
+    with torch.no_grad():
+        student.fc.weight[0, 0] = 0.0
+    check_parameters_finite(ctx, 1)
+
+
+def test_nonfinite_contraction_difference_fails():
+    finish = importlib.import_module("kdexpand.trainer.finish")
+    with pytest.raises(finish.ContractionError, match="the logits are not finite"):
+        finish._check_difference(math.nan, math.nan, 1e-4)
+    with pytest.raises(finish.ContractionError, match="the logits are not finite"):
+        finish._check_difference(0.0, math.inf, 1e-4)
+
+
+def test_metrics_json_writes_nan_as_null(tmp_path):
+    from kdexpand.io import write_json
+
+    path = write_json(tmp_path / "metrics.json", {"a": math.nan, "b": [1.5, math.inf], "c": {"d": -math.inf}})
+
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+    assert "NaN" not in path.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any
 
 import torch
@@ -67,6 +68,12 @@ def _contract_and_compare(expanded: nn.Module, inputs: torch.Tensor) -> tuple[nn
 
 
 def _check_difference(difference: float, scale: float, tolerance: float) -> None:
+    if not (math.isfinite(difference) and math.isfinite(scale)):
+        raise ContractionError(
+            f"contraction check failed: the logits are not finite (max |expanded - contracted| = "
+            f"{difference:.3g}, max |logit| = {scale:.3g}), so the trained ExpandNet diverged; lower "
+            "train.lr or set train.max_grad_norm, and start over with --overwrite"
+        )
     bound = tolerance * max(1.0, scale)
     if difference > bound:
         raise ContractionError(

@@ -25,7 +25,7 @@ from kdexpand.trainer.checkpoint import current_checkpoint
 from kdexpand.trainer.interrupt import StopRequest
 from kdexpand.trainer.setup import RunContext
 
-__all__ = ["LossCheckError", "nonfinite_parts", "train_epoch"]
+__all__ = ["LossCheckError", "check_parameters_finite", "nonfinite_parts", "train_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,36 +74,59 @@ def nonfinite_parts(parts: dict[str, torch.Tensor], accelerator: Accelerator) ->
     return [name for name, flag in zip(names, flags.tolist()) if flag]
 
 
-def _on_nonfinite(
-    ctx: RunContext, bad: list[str], parts: dict[str, torch.Tensor], epoch: int, step: int, totals: _EpochTotals
-) -> None:
+def _on_nonfinite(ctx: RunContext, what: str, details: str, epoch: int, step: int, totals: _EpochTotals) -> None:
     """Stop the run, or count and log the skipped step, as ``train.on_nonfinite`` sets.
 
+    ``what`` is not finite (``loss`` or ``gradient``), and ``details`` say where, e.g. ``task=nan``.
+
     Raises:
-        LossCheckError: ``on_nonfinite`` is ``stop``; names the step, the terms and the last
+        LossCheckError: ``on_nonfinite`` is ``stop``; names the step, the details and the last
             good checkpoint.
     """
-    values = ", ".join(f"{name}={parts[name].item()}" for name in bad)
     where = f"{ctx.log_prefix}epoch {epoch + 1} step {step + 1}"
     if ctx.train.on_nonfinite == "skip":
         totals.skipped += 1
         if totals.skipped <= _LOGGED_SKIPS:
-            logger.warning("non-finite loss at %s (%s); skipped the optimizer step of this batch", where, values)
+            logger.warning("non-finite %s at %s (%s); skipped the optimizer step of this batch", what, where, details)
         return
 
+    raise LossCheckError(f"non-finite {what} at {where} (on at least one process): {details}; {_recovery_advice(ctx)}")
+
+
+def _recovery_advice(ctx: RunContext) -> str:
     checkpoint = current_checkpoint(ctx.checkpoint_dir)
     if checkpoint is None:
-        advice = (
+        return (
             "no checkpoint was saved yet; start over with --overwrite and a lower train.lr, a "
             "train.max_grad_norm, or train.on_nonfinite: skip"
         )
-    else:
-        advice = (
-            f"the last good checkpoint is {checkpoint}; resume it with --resume --set "
-            "train.on_nonfinite=skip to skip such steps, or start over with --overwrite and a lower "
-            "train.lr or a train.max_grad_norm"
+    return (
+        f"the last good checkpoint is {checkpoint}; resume it with --resume --set "
+        "train.on_nonfinite=skip to skip such steps, or start over with --overwrite and a lower "
+        "train.lr or a train.max_grad_norm"
+    )
+
+
+def check_parameters_finite(ctx: RunContext, epoch: int) -> None:
+    """Raise before an epoch's checkpoint is written if a trained parameter is NaN or infinite.
+
+    Finite losses and gradients can still overflow in the update (a huge learning rate),
+    and ``skip`` cannot undo an applied step, so this catches what the per-step checks miss.
+
+    Raises:
+        LossCheckError: Names the first parameters that are not finite and the last good checkpoint.
+    """
+    modules = {"": ctx.student, "transfer.": ctx.distiller}
+    bad = [
+        prefix + name for prefix, module in modules.items() for name, parameter in module.named_parameters()
+        if not torch.isfinite(parameter.detach()).all()
+    ]
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise LossCheckError(
+            f"parameters became non-finite in {ctx.log_prefix}epoch {epoch + 1} ({names}) although every "
+            f"loss was finite, so this epoch is not saved; {_recovery_advice(ctx)}"
         )
-    raise LossCheckError(f"non-finite loss at {where} (on at least one process): {values}; {advice}")
 
 
 def train_epoch(ctx: RunContext, epoch: int, stop: StopRequest | None = None) -> dict[str, float]:
@@ -146,7 +169,7 @@ def train_epoch(ctx: RunContext, epoch: int, stop: StopRequest | None = None) ->
             boundary, skipped, total = _train_batch(ctx, batch, epoch, step, num_batches, totals)
             window_skipped = window_skipped or skipped
             if boundary:
-                _optimizer_step(ctx, skip=window_skipped)
+                _optimizer_step(ctx, window_skipped, epoch, step, totals)
                 window_skipped = False
             progress.update(1)
             progress.set_postfix(loss=f"{total:.3f}")
@@ -154,6 +177,7 @@ def train_epoch(ctx: RunContext, epoch: int, stop: StopRequest | None = None) ->
                 ctx.state.step, ctx.state.partial = step + 1, totals.to_state(time.perf_counter() - start)
                 return {}
 
+    check_parameters_finite(ctx, epoch)
     ctx.state.step, ctx.state.partial = 0, {}
     return _epoch_stats(accelerator, totals, time.perf_counter() - start)
 
@@ -177,6 +201,9 @@ def _train_batch(
     window = min(accumulation, num_batches - window_start)
     boundary = step == window_start + window - 1
     sync = nullcontext() if boundary else accelerator.no_sync(ctx.model)
+    # The forward pass updates batch-norm running statistics even when its loss turns out
+    # NaN, so a batch that ``skip`` drops must not leave them behind.
+    buffers = _snapshot_buffers(ctx) if ctx.train.on_nonfinite == "skip" else None
     with sync:
         total, parts = _loss(ctx, inputs, targets)
         bad = nonfinite_parts({**parts, "total": total}, accelerator)
@@ -184,7 +211,10 @@ def _train_batch(
             accelerator.backward(total / window)
     totals.images += ctx.task.batch_size(batch)
     if bad:
-        _on_nonfinite(ctx, bad, {**parts, "total": total}, epoch, step, totals)
+        values = {**parts, "total": total}
+        details = ", ".join(f"{name}={values[name].item()}" for name in bad)
+        _on_nonfinite(ctx, "loss", details, epoch, step, totals)
+        _restore_buffers(buffers)
         return boundary, True, total.item()
 
     for name, value in {"total": total, **parts}.items():
@@ -194,8 +224,46 @@ def _train_batch(
     return boundary, False, total.item()
 
 
-def _optimizer_step(ctx: RunContext, skip: bool) -> None:
-    """Step the optimizer on the accumulated gradients, or discard them when ``skip``."""
+def _snapshot_buffers(ctx: RunContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return ``(buffer, copy)`` pairs of the student's and the transfer modules' buffers."""
+    modules = (ctx.model, ctx.distiller)
+    return [(buffer, buffer.detach().clone()) for module in modules for buffer in module.buffers()]
+
+
+def _restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    with torch.no_grad():
+        for buffer, saved in snapshot or ():
+            buffer.copy_(saved)
+
+
+def _gradients_finite(ctx: RunContext) -> bool:
+    """Return True when every accumulated gradient is finite (one device sync per step).
+
+    Under fp16 mixed precision the gradient scaler skips steps with inf gradients itself
+    and lowers its scale, so this check is left to it there.
+    """
+    if ctx.accelerator.scaler is not None:
+        return True
+    gradients = [parameter.grad for group in ctx.optimizer.param_groups for parameter in group["params"]
+                 if parameter.grad is not None]
+    if not gradients:
+        return True
+    norms = torch._foreach_norm(gradients)
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def _optimizer_step(ctx: RunContext, skip: bool, epoch: int, step: int, totals: _EpochTotals) -> None:
+    """Step the optimizer on the accumulated gradients, or discard them when ``skip``.
+
+    A non-finite gradient behind finite losses is handled as ``train.on_nonfinite`` sets:
+    the step is skipped, or the run stops naming the step.
+
+    Raises:
+        LossCheckError: A gradient is not finite and ``train.on_nonfinite`` is ``stop``.
+    """
+    if not skip and not _gradients_finite(ctx):
+        _on_nonfinite(ctx, "gradient", "every loss term was finite", epoch, step, totals)
+        skip = True
     if not skip:
         if ctx.train.max_grad_norm is not None:
             ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.train.max_grad_norm)
