@@ -280,6 +280,15 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     """Run ``recipe`` and return the metrics written to ``metrics.json``."""
     start = time.perf_counter()
     ctx = setup_run(recipe, resume=resume, overwrite=overwrite)
+    try:
+        return _run_stages(ctx, resume, start)
+    finally:
+        if ctx.lock is not None:
+            ctx.lock.release()
+
+
+def _run_stages(ctx: RunContext, resume: bool, start: float) -> dict[str, Any]:
+    recipe = ctx.recipe
     if resume and recipe.init is None:
         resume_run(ctx)
 

@@ -22,6 +22,7 @@ from kdexpand.tasks import Task, build_task
 from kdexpand.teachers import build_teacher, check_teacher_checkpoint
 from kdexpand.trainer.checkpoint import TrainState
 from kdexpand.trainer.optim import build_optimizer, build_scheduler
+from kdexpand.trainer.lock import MARKER_FILE, RunDirectoryLock, check_not_in_use
 from kdexpand.trainer.preflight import check_analysis, check_expansion, check_splits, load_data_checked, recipe_section
 
 __all__ = [
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 # Files a run writes at its top level. --overwrite deletes only folders that contain
 # recipe.yaml and one of RUN_MARKERS, so a user's folder that happens to hold a recipe.yaml is kept.
 RECIPE_FILE = "recipe.yaml"
-MARKER_FILE = ".kdexpand-run"
 RUN_MARKERS = (MARKER_FILE, "checkpoints", "metrics.json")
 
 
@@ -78,6 +78,7 @@ class RunContext:
     state: TrainState = field(default_factory=TrainState)
     teacher_metrics: dict[str, float] = field(default_factory=dict)
     stage: str | None = None
+    lock: RunDirectoryLock | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -125,6 +126,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other; pass one")
     _check_folder_path(run_dir)
+    check_not_in_use(run_dir)
     has_content = run_dir.is_dir() and any(run_dir.iterdir())
     if resume and not (run_dir / RECIPE_FILE).is_file():
         raise RunDirectoryError(
@@ -144,17 +146,27 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run directory, or clear it with ``overwrite``; main process only.
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> RunDirectoryLock:
+    """Create the run directory, or clear it with ``overwrite``, and lock it; main process only.
+
+    Returns:
+        The held lock of the directory; release it when the run ends.
 
     Raises:
         RunDirectoryError: See :func:`check_run_dir`.
+        RunDirectoryBusy: Another run holds the directory.
     """
     check_run_dir(run_dir, resume, overwrite)
+    previous = None
     if overwrite and run_dir.is_dir():
+        # Holding the old run's lock while deleting keeps a run that starts meanwhile out.
+        previous = RunDirectoryLock(run_dir).acquire() if (run_dir / MARKER_FILE).is_file() else None
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER_FILE).touch()
+    lock = RunDirectoryLock(run_dir).acquire()
+    if previous is not None:
+        previous.release()
+    return lock
 
 
 def build_student(recipe: Recipe, task: Task) -> tuple[nn.Module, nn.Module]:
@@ -277,8 +289,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
         distiller = Distiller(recipe.distill, task.loss, student, teacher, task.example_input(accelerator.device))
     distiller.to(accelerator.device)
 
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resume, overwrite)
+    lock = prepare_run_dir(run_dir, resume, overwrite) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not resume:
         write_text(run_dir / RECIPE_FILE, dump_recipe(recipe))
@@ -300,5 +311,5 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     return RunContext(
         recipe=recipe, train=recipe.train, run_dir=run_dir, accelerator=accelerator, task=task, compact=compact,
         model=model, teacher=teacher, distiller=distiller, optimizer=optimizer, scheduler=scheduler,
-        train_batches=task.train_batches(accelerator.device, rank, world), generator=generator,
+        train_batches=task.train_batches(accelerator.device, rank, world), generator=generator, lock=lock,
     )
