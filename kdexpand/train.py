@@ -29,14 +29,18 @@ from kdexpand.io import UnreadableFileError
 from kdexpand.recipe import RecipeError, load_recipe
 from kdexpand.trainer import ContractionError, LossCheckError, RunDirectoryError, run
 from kdexpand.trainer.checkpoint import CheckpointError
-from kdexpand.trainer.interrupt import TrainingInterrupted
+from kdexpand.trainer.interrupt import TrainingInterrupted, stop_with_launcher
+from kdexpand.trainer.lock import RunDirectoryBusy
 from kdexpand.trainer.setup import cpu_processes
 
 __all__ = ["main", "parse_args", "resume_command", "summary"]
 
 # Failures of a valid recipe's run. Their messages name the fix, so no traceback is shown.
 # FileNotFoundError covers a missing teacher checkpoint and missing data.
-_RUN_ERRORS = (CheckpointError, ContractionError, FileNotFoundError, LossCheckError, RunDirectoryError, UnreadableFileError)
+_RUN_ERRORS = (
+    CheckpointError, ContractionError, FileNotFoundError, LossCheckError, RunDirectoryBusy, RunDirectoryError,
+    UnreadableFileError,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     args = parse_args(argv)
     _configure_logging(args.debug)
+    stop_with_launcher()
     torch.autograd.set_detect_anomaly(args.debug)
     try:
         recipe = load_recipe(args.recipe, args.overrides)

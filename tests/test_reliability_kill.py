@@ -316,3 +316,47 @@ def test_resume_without_run_is_rejected(in_process, tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.exit(run_with_fault(sys.argv[1], sys.argv[2:]))
+
+
+def test_sigterm_to_accelerate_launcher_stops_training(tmp_path, shared_data):
+    """SIGTERM to a one-process ``accelerate launch`` reaches training, which saves and exits."""
+    import time
+
+    out = tmp_path / "launched"
+    log = tmp_path / "launch.log"
+    sets = [part for pair in ["data.train_limit=512", "data.eval_limit=32", "train.epochs=500",
+                              "output.tensorboard=false", f"output.dir={out}"] for part in ("--set", pair)]
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "1",
+               "-m", "kdexpand.train", RECIPE, *sets]
+    env = {**os.environ, "KDEXPAND_DATA": str(shared_data), "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as output:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "checkpoints" / "last.json").is_file() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            trainer_pid = int((out / ".kdexpand-run").read_text())
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=60)
+            deadline = time.monotonic() + 120
+            while _alive(trainer_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+
+    assert not _alive(trainer_pid)
+    text = log.read_text()
+    assert "stopped by SIGTERM" in text or "--resume" in text, text[-3000:]
+    assert "--resume" in text
+    assert "run directory:" not in text  # training did not run on to the end
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of another process also answers; /proc tells them apart.
+    status = Path(f"/proc/{pid}/status")
+    return not status.is_file() or "State:\tZ" not in status.read_text()

@@ -10,8 +10,12 @@ complete checkpoint is kept either way).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -19,11 +23,39 @@ from types import FrameType, TracebackType
 import torch
 from accelerate import Accelerator
 
-__all__ = ["StopRequest", "TrainingInterrupted"]
+__all__ = ["StopRequest", "TrainingInterrupted", "stop_with_launcher"]
 
 logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# Environment variables that ``accelerate launch`` and ``torchrun`` set in the processes they start.
+_LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def stop_with_launcher() -> bool:
+    """Make the Linux kernel send SIGTERM to this process when the launcher that started it exits.
+
+    ``accelerate launch`` with one process (Accelerate 1.15) exits at once on SIGTERM without
+    passing the signal on, so training would go on unseen and unstoppable by the launcher.
+    With this request the kernel delivers SIGTERM here when the launcher exits, and the
+    usual graceful stop saves a checkpoint. Only processes that a launcher started (they
+    carry its environment variables) ask for it.
+
+    Returns:
+        True when the request was made; False elsewhere (not Linux, or no launcher).
+    """
+    if not sys.platform.startswith("linux") or not any(name in os.environ for name in _LAUNCHER_VARIABLES):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.debug("prctl(PR_SET_PDEATHSIG) failed with errno %d", ctypes.get_errno())
+        return False
+    if os.getppid() == 1:
+        # The launcher exited before the request took effect: act as if the signal came.
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 class TrainingInterrupted(Exception):
