@@ -6,7 +6,6 @@ model is never modified and every replaced module keeps its dotted name.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 import math
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from kdexpand.expansion.report import ExpansionReport
+from kdexpand.expansion.support import UNSUPPORTED_LAYERS, copy_model, unsupported_reason
 from kdexpand.expansion.units import (
     MODES,
     ACNetConv2d,
@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 
 ConvStrategy = Literal["cl", "ck", "acnet"]
 CONV_STRATEGIES = ("cl", "ck", "acnet")
-_UNSUPPORTED_LAYERS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def expand(
@@ -58,6 +56,8 @@ def expand(
             branches, the ACNet baseline) or None to leave convolutions alone.
         fc: Expand ``nn.Linear`` layers m → r·m → r·n → n.
         rate: Expansion rate r (> 0); widths are rounded, at least one channel per group.
+            A rate below 1 makes the units narrower than the compact layers, which is
+            allowed but logged as a warning.
         fc_rate: Expansion rate of linear layers; None uses ``rate``.
         include: Glob patterns on module names; only matching layers are expanded. The
             classifier (the last ``nn.Linear``) is expanded only when a pattern names it.
@@ -70,13 +70,21 @@ def expand(
         nonlinear: Build the nonlinear twin: a ReLU after every sub-layer but the last of
             each unit, with the same parameter names and shapes as the linear ExpandNet.
 
+    Some layers would lose part of their behaviour if a unit replaced them, so they are left
+    alone, reported as unsupported and logged as warnings. These are layers reparameterized
+    or pruned by torch.nn.utils, layers with hooks, layers whose weight is not a registered
+    parameter, and subclasses that override forward or add tensors. A Conv2d subclass
+    without such changes is expanded, and ``contract`` turns it into a plain ``nn.Conv2d``
+    with the same state_dict keys. Frozen layers (a weight or bias with
+    ``requires_grad=False``) are left alone too.
+
     Returns:
         The expanded copy. Its ``expansion_report`` attribute lists every conv and linear
         layer, expanded or left alone and why; the report is also logged at INFO level.
 
     Raises:
-        ValueError: An argument is invalid, a pattern matches no layer, or the model is
-            already expanded.
+        ValueError: An argument is invalid, a pattern matches no layer, the model is
+            already expanded, or it keeps a non-leaf tensor that no deep copy accepts.
     """
     include_patterns = _patterns("include", include)
     exclude_patterns = _patterns("exclude", exclude)
@@ -85,7 +93,7 @@ def expand(
     if is_expanded(model):
         raise ValueError("expand: the model already contains expanded units; call kdexpand.contract on it first")
 
-    expanded = copy.deepcopy(model)
+    expanded = copy_model(model, "expand")
     layer_names = [
         name
         for name, module in expanded.named_modules(remove_duplicate=False)
@@ -112,6 +120,7 @@ def expand(
         if unit is not None:
             replacements.append((module, unit))
 
+    _warn_narrow_rates([unit for _, unit in replacements], rate, fc_rate)
     for module, unit in replacements:
         unit.train(expanded.training)
         # A module registered under several names (weight sharing) becomes one shared unit.
@@ -142,7 +151,7 @@ def contract(model: nn.Module) -> nn.Module:
                 "which no single layer equals; copy its weights into the linear ExpandNet with "
                 "kdexpand.transfer_twin and contract that"
             )
-    contracted = copy.deepcopy(model)
+    contracted = copy_model(model, "contract")
     if hasattr(contracted, "expansion_report"):
         del contracted.expansion_report
     aliases = _module_aliases(contracted)
@@ -264,41 +273,33 @@ def _filter_reason(name: str, include: list[str], exclude: list[str], classifier
 
 def _plan_layer(module, conv, fc, rate, fc_rate, fallback, pointwise, mode, nonlinear, filter_reason):
     """Return (unit or None, detail) for one module; detail None means not a layer to report."""
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, (nn.Conv2d, nn.Linear)):
-        return None, "unsupported: uninitialized lazy module; run one forward pass before expand"
-    if isinstance(module, _UNSUPPORTED_LAYERS):
-        return None, f"unsupported: {type(module).__name__} is not expanded (only Conv2d and Linear are)"
-    if isinstance(module, (nn.Conv2d, nn.Linear)) and type(module) not in (nn.Conv2d, nn.Linear):
-        base = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-        cls = type(module)
-        return None, f"unsupported: {cls.__module__}.{cls.__qualname__} subclasses nn.{base} with its own behaviour"
-    if type(module) is nn.Linear:
+    if not isinstance(module, (nn.Conv2d, nn.Linear, *UNSUPPORTED_LAYERS)):
+        return None, None
+    unsupported = unsupported_reason(module)
+    if unsupported:
+        return None, f"unsupported: {unsupported}"
+    if isinstance(module, nn.Linear):
         if not fc:
             return None, "fc=False"
-        if filter_reason:
-            return None, filter_reason
+        reason = filter_reason or _frozen_reason(module)
+        if reason:
+            return None, reason
         unit = ExpandedLinear(module, fc_rate, mode, nonlinear)
         return unit, f"FC r={fc_rate:g}"
-    if type(module) is nn.Conv2d:
-        rejected = _invalid_conv_settings(module)
-        if rejected:
-            return None, f"unsupported: {rejected}"
-        if conv is None:
-            return None, "conv=None"
-        if filter_reason:
-            return None, filter_reason
-        return _plan_conv(module, conv, rate, fallback, pointwise, mode, nonlinear)
-    return None, None
+    if conv is None:
+        return None, "conv=None"
+    reason = filter_reason or _frozen_reason(module)
+    if reason:
+        return None, reason
+    return _plan_conv(module, conv, rate, fallback, pointwise, mode, nonlinear)
 
 
-def _invalid_conv_settings(module: nn.Conv2d) -> str | None:
-    """Describe settings that torch's Conv2d constructor rejects, set on the module afterwards."""
-    if module.padding_mode not in _PADDING_MODES:
-        return f"padding_mode {module.padding_mode!r} is not one torch accepts ({', '.join(_PADDING_MODES)})"
-    if isinstance(module.padding, str) and module.padding not in ("same", "valid"):
-        return f"padding {module.padding!r} is not one torch accepts (a number, a pair, 'same' or 'valid')"
-    if module.padding == "same" and tuple(module.stride) != (1, 1):
-        return f"padding='same' with stride {tuple(module.stride)}, which torch rejects for strided convolutions"
+def _frozen_reason(module: nn.Module) -> str | None:
+    """Describe a frozen weight or bias, whose ``requires_grad=False`` a unit would not keep."""
+    if not module.weight.requires_grad:
+        return "frozen (requires_grad=False)"
+    if module.bias is not None and not module.bias.requires_grad:
+        return "bias frozen (requires_grad=False)"
     return None
 
 
@@ -324,19 +325,53 @@ def _plan_conv(module: nn.Conv2d, conv, rate, fallback, pointwise, mode, nonline
 def _describe(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
         kh, kw = module.kernel_size
-        extras = "".join(
-            text
-            for text, present in (
-                (f" s{module.stride[0]}", module.stride != (1, 1)),
-                (f" d{module.dilation[0]}", module.dilation != (1, 1)),
-                (f" g{module.groups}", module.groups != 1),
-            )
-            if present
-        )
-        return f"{type(module).__name__} {module.in_channels}→{module.out_channels} {kh}x{kw}{extras}"
+        return f"{type(module).__name__} {module.in_channels}→{module.out_channels} {kh}x{kw}{_conv_settings(module)}"
     if isinstance(module, nn.Linear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return f"{type(module).__name__} {module.in_features}→{module.out_features}"
     return type(module).__name__
+
+
+def _conv_settings(module: nn.Conv2d) -> str:
+    """Return the settings that differ from the defaults, e.g. " s2 d1x3 p0x2 g4"."""
+    text = ""
+    if _pair(module.stride) != (1, 1):
+        text += " s" + _pair_text(module.stride)
+    if _pair(module.dilation) != (1, 1):
+        text += " d" + _pair_text(module.dilation)
+    if isinstance(module.padding, str):
+        text += f" p={module.padding}"
+    elif _pair(module.padding) != (0, 0):
+        text += " p" + _pair_text(module.padding)
+    if module.groups != 1:
+        text += f" g{module.groups}"
+    return text
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _pair_text(value: int | tuple[int, ...]) -> str:
+    """Write a (height, width) setting as "2" when both sides are equal, else as "1x3"."""
+    height, width = _pair(value)
+    return str(height) if height == width else f"{height}x{width}"
+
+
+def _warn_narrow_rates(units: list[ExpandedUnit], rate: float, fc_rate: float) -> None:
+    """Log one warning when a unit was built with a rate below 1."""
+    narrow = []
+    if rate < 1 and any(isinstance(unit, ExpandedConv2d) for unit in units):
+        narrow.append(f"rate={rate:g}")
+    if fc_rate < 1 and any(isinstance(unit, ExpandedLinear) for unit in units):
+        narrow.append(f"fc_rate={fc_rate:g}")
+    if narrow:
+        logger.warning(
+            "expand: %s %s below 1, so the hidden layers of the expanded units are narrower than "
+            "the compact layers (a bottleneck, not an over-parameterization); use a rate of 1 "
+            "or more to over-parameterize",
+            " and ".join(narrow),
+            "is" if len(narrow) == 1 else "are",
+        )
 
 
 def _module_aliases(model: nn.Module) -> dict[int, list[str]]:
