@@ -364,3 +364,15 @@ def test_rate_of_four_does_not_warn(caplog):
         kdexpand.expand(nn.Sequential(nn.Conv2d(3, 8, 3)), conv="cl", rate=4)
 
     assert caplog.records == []
+
+
+def test_recipe_check_names_unsupported_reason():
+    """The trainer's preflight quotes the reason for a wrapped conv, not only plain ones."""
+    from kdexpand.recipe import ExpandConfig, RecipeError
+    from kdexpand.trainer.preflight import check_expansion
+
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 7)), nn.Flatten())
+    expanded = kdexpand.expand(model, conv="ck")
+
+    with pytest.raises(RecipeError, match=r"expands no convolution of this model \(0: unsupported: weight is reparameterized"):
+        check_expansion(ExpandConfig(conv="ck"), expanded)

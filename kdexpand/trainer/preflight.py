@@ -143,7 +143,7 @@ def check_expansion(config: ExpandConfig, expanded: nn.Module) -> None:
         )
     if config.fc and not any(isinstance(unit, ExpandedLinear) for unit in units):
         reasons = _skip_reasons(report, "Linear")
-        linear_decisions = [d for d in report.skipped if d.layer.startswith("Linear")]
+        linear_decisions = [d for d in report.skipped if _is_layer_type(d.layer, "Linear")]
         only_unsupported = linear_decisions and all(d.detail.startswith("unsupported") for d in linear_decisions)
         fix = (
             "kdexpand expands only plain nn.Linear layers, so set expand.fc: false"
@@ -159,6 +159,11 @@ def _skip_reasons(report: ExpansionReport, layer_type: str) -> str:
     """Return why layers of ``layer_type`` were left alone, one entry per distinct reason."""
     names: dict[str, list[str]] = {}
     for decision in report.skipped:
-        if decision.layer.startswith(layer_type):
+        if _is_layer_type(decision.layer, layer_type):
             names.setdefault(decision.detail, []).append(decision.name)
     return "; ".join(f"{', '.join(layers)}: {detail}" for detail, layers in names.items())
+
+
+def _is_layer_type(label: str, layer_type: str) -> bool:
+    # A report label starts with the class name: "Conv2d 3→8 7x7 ...", "ParametrizedConv2d ...".
+    return label.split(" ", 1)[0].endswith(layer_type)
