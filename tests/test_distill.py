@@ -277,7 +277,7 @@ def test_recipe_unknown_teacher_tap_lists_choices(repo_root):
     ("override", "expected"),
     [
         ("student.model=smallnett", r"student: cannot build 'smallnett': unknown model"),
-        ("teacher.model=resnet188", r"'resnet188' is not a timm model\. Did you mean 'resnet18'"),
+        ("teacher.model=resnet188", r"teacher.model: unknown timm model 'resnet188'; did you mean 'resnet18'"),
         ("student.kwargs={bogus: 1}", r"student: cannot build 'smallnet7': .*'bogus'"),
         ("teacher.kwargs={bogus: 1}", r"teacher.kwargs do not fit 'resnet18': .*'bogus'"),
     ],

@@ -33,13 +33,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     Args:
         path: YAML recipe file.
-        overrides: ``key.sub=value`` strings applied after inheritance; each value is parsed
-            with ``yaml.safe_load``, so ``3``, ``true``, ``null`` and ``[50, 100]`` get their
-            YAML types, and e-notation such as ``1e2`` or ``1e-3`` is a float.
+        overrides: ``key.sub=value`` strings applied after inheritance. Each value is parsed
+            as YAML like the recipe files, so ``3``, ``true``, ``null`` and ``[50, 100]`` get
+            their YAML types. E-notation such as ``1e2``, ``5.12e2`` or ``1e-3`` is a float.
 
     Raises:
-        RecipeError: The file is missing or malformed, inherits in a cycle, or fails
-            validation.
+        RecipeError: The file is missing or malformed, repeats a key, inherits in a cycle,
+            or fails validation.
     """
     path = Path(path)
     raw = load_recipe_dict(path)
@@ -61,7 +61,9 @@ def load_recipe_dict(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any
 
     with path.open() as stream:
         try:
-            raw = yaml.safe_load(stream)
+            raw = _parse_yaml(stream)
+        except DuplicateKeyError as error:
+            raise RecipeError(f"recipe {path}: {error}") from error
         except yaml.YAMLError as error:
             raise RecipeError(f"recipe {path} is not valid YAML: {error}".replace("\n", " ")) from error
     if raw is None:
@@ -99,8 +101,74 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-# A number in e-notation without a dot, such as 1e2 or -5E-3.
-_E_NOTATION = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+# A number in e-notation, such as 1e2, 5.12e2, .5e3 or -5E-3. PyYAML implements YAML 1.1,
+# whose floats need a dot and, with an exponent, a sign on it ("5.12e+2"), so 1e2 and 5.12e2
+# would stay strings.
+_E_NOTATION = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that repeats a key: its dotted path and the lines of both entries (from 1)."""
+
+    def __init__(self, key: str, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line}); remove one of them")
+        self.key = key
+        self.line = line
+        self.first_line = first_line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that reads all e-notation as floats and rejects repeated keys.
+
+    PyYAML keeps the last value of a repeated key, so a second ``lr:`` would silently win.
+    Keys that a ``<<`` merge brings in may be overridden as usual.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicate_keys(self, node, "", set())
+        return super().construct_document(node)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes strings which :class:`_RecipeLoader` would read as floats."""
+
+
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _E_NOTATION, list("-+0123456789."))
+_RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", _E_NOTATION, list("-+0123456789."))
+
+
+def _parse_yaml(stream: Any) -> Any:
+    """Parse one YAML document with :class:`_RecipeLoader`; no python tags, as with safe_load."""
+    return yaml.load(stream, Loader=_RecipeLoader)
+
+
+def _check_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str, visited: set[int]) -> None:
+    """Raise a DuplicateKeyError for the first mapping under ``node`` that repeats a key."""
+    # An alias reuses its anchor's node, and a recursive anchor makes a cycle.
+    if id(node) in visited:
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(loader, item, _join(path, index), visited)
+    if not isinstance(node, yaml.MappingNode):
+        return
+
+    first_lines: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            _check_duplicate_keys(loader, value_node, path, visited)
+            continue
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in first_lines:
+            raise DuplicateKeyError(_join(path, key), line, first_lines[key])
+        first_lines[key] = line
+        _check_duplicate_keys(loader, value_node, _join(path, key), visited)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -114,12 +182,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key:
         raise RecipeError(f"override {override!r} is not of the form key.sub=value, e.g. train.lr=0.1")
     try:
-        value = yaml.safe_load(text)
+        value = _parse_yaml(text)
+    except DuplicateKeyError as error:
+        # An override is one line, so the message leaves out the line numbers.
+        raise RecipeError(f"override {override!r}: duplicate key {error.key!r}; remove one of them") from error
     except yaml.YAMLError as error:
         raise RecipeError(f"override {override!r}: value is not valid YAML: {error}".replace("\n", " ")) from error
-    if isinstance(value, str) and _E_NOTATION.fullmatch(text.strip()):
-        # YAML 1.1 reads a float only with a dot ("1.0e2"), so "1e2" would stay a string.
-        value = float(text)
 
     parts = key.split(".")
     node: Any = raw
@@ -246,7 +314,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def dump_recipe(recipe: Recipe) -> str:
     """Return the resolved recipe as YAML that :func:`load_recipe` reads back unchanged."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(recipe.model_dump(mode="json"), Dumper=_RecipeDumper, sort_keys=False)
 
 
 def flatten_keys(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Typed recipe schema: every key a run reads, with its type, default and range.
 
-Every section rejects unknown keys (``extra="forbid"``), so a typo fails before any work
-starts. The loader in :mod:`kdexpand.recipe.loader` turns pydantic's errors into one line
-per problem with the dotted key path and the closest valid key.
+Every section rejects unknown keys (``extra="forbid"``) and infinite or NaN floats, so a typo
+or a non-finite value fails before any work starts. The loader in :mod:`kdexpand.recipe.loader`
+turns pydantic's errors into one line per problem with the dotted key path and the closest
+valid key.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -24,6 +26,7 @@ from pydantic import (
 )
 
 from kdexpand.losses import LOSSES, validate_loss_params
+from kdexpand.registry import closest_match
 
 __all__ = [
     "AnalysisConfig",
@@ -45,9 +48,12 @@ __all__ = [
 
 
 class StrictModel(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+    """Base of every recipe section: unknown keys and non-finite floats are errors.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Values are also checked on assignment.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -58,7 +64,48 @@ class StrictModel(BaseModel):
             raise ValueError(f"expected a number, got the boolean {str(value).lower()}; write the number itself")
         if isinstance(value, list) and any(isinstance(item, bool) for item in value) and _is_number_list(annotation):
             raise ValueError(f"expected a list of numbers, got booleans in {value}; write the numbers themselves")
+        if isinstance(value, dict) and _is_mapping(annotation):
+            _reject_non_finite(value)
         return value
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Return True for a free-form mapping such as ``dict[str, Any]``, also optional."""
+    return any(get_origin(member) is dict for member in _union_members(annotation))
+
+
+def _reject_non_finite(mapping: dict[str, Any]) -> None:
+    """Raise a ValueError naming the first infinite or NaN float inside ``mapping``.
+
+    ``allow_inf_nan=False`` covers the typed float fields. Free-form mappings (model
+    ``kwargs``, loss ``params``) pass their values through untyped, so they are searched here.
+    """
+    found = _find_non_finite(mapping, "", set())
+    if found is not None:
+        key, number = found
+        # The message must not start with the key, or the loader would print it without the field name.
+        raise ValueError(f"value {number} at {key} is not a finite number; write a finite number")
+
+
+def _find_non_finite(value: Any, path: str, visited: set[int]) -> tuple[str, float] | None:
+    """Return the dotted path and value of the first inf or NaN float in nested mappings and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    # A recursive YAML anchor makes a container that contains itself.
+    if id(value) in visited:
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    visited.add(id(value))
+    for key, item in items:
+        found = _find_non_finite(item, f"{path}.{key}" if path else str(key), visited)
+        if found is not None:
+            return found
+    return None
 
 
 def _union_members(annotation: Any) -> list[Any]:
@@ -178,6 +225,10 @@ class TeacherConfig(StrictModel):
     ``compact.safetensors`` of a teacher run) or ``pretrained: true`` (timm's hub weights,
     which needs network access). ``recipe`` names the teacher recipe that writes
     ``checkpoint``, so a missing checkpoint error can print the command that creates it.
+
+    ``model`` is a name from ``timm.list_models()``, optionally with a pretrained tag
+    (``resnet18.a1_in1k``), or an ``hf-hub:`` or ``local-dir:`` name. timm resolves the
+    latter only when the teacher is built.
     """
 
     model: str = Field(min_length=1)
@@ -185,6 +236,21 @@ class TeacherConfig(StrictModel):
     pretrained: bool = False
     recipe: Path | None = None
     kwargs: dict[str, Any] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _check_timm_model(cls, model: str) -> str:
+        # Imported here because only recipes with a teacher need timm.
+        import timm
+        from timm.models import parse_model_name
+
+        # parse_model_name raises a ValueError for a hub id or a path without a source prefix.
+        source, _ = parse_model_name(model)
+        if source is not None:
+            return model
+        if not timm.is_model(model):
+            raise ValueError(_unknown_timm_model(model, timm.list_models()))
+        return model
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> TeacherConfig:
@@ -194,6 +260,15 @@ class TeacherConfig(StrictModel):
                 "or teacher.pretrained: true (timm hub weights)"
             )
         return self
+
+
+def _unknown_timm_model(model: str, names: list[str]) -> str:
+    """Build the error for a name that is not in timm's model registry, with the closest name."""
+    # timm's names are lower case, so "ResNet18" is compared as "resnet18".
+    hint = closest_match(model.lower(), names)
+    if hint is None:
+        return f"unknown timm model {model!r}; use a name from timm.list_models()"
+    return f"unknown timm model {model!r}; did you mean {hint!r}?"
 
 
 class LossTermConfig(StrictModel):
