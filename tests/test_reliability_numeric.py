@@ -269,3 +269,17 @@ def test_metrics_json_writes_nan_as_null(tmp_path):
 
     assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None}}
     assert "NaN" not in path.read_text()
+
+
+def test_epoch_of_only_skipped_steps_stops(monkeypatch, tmp_path, capsys):
+    """With skip, an epoch in which every loss was non-finite stops with one line, not a KeyError."""
+    original = ClassificationTask.loss
+    monkeypatch.setattr(
+        ClassificationTask, "loss", lambda self, outputs, targets: torch.full_like(original(self, outputs, targets), math.nan)
+    )
+    status = main(cli_args(STUDENT, tmp_path / "all_skipped", "train.epochs=1", "train.on_nonfinite=skip"))
+    error = error_line(capsys.readouterr().err)
+
+    assert status == 1
+    assert error.startswith("error: every step of epoch 1 had a non-finite loss and was skipped")
+    assert "Traceback" not in error

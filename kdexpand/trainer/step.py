@@ -178,6 +178,12 @@ def train_epoch(ctx: RunContext, epoch: int, stop: StopRequest | None = None) ->
                 return {}
 
     check_parameters_finite(ctx, epoch)
+    if totals.counted == 0:
+        raise LossCheckError(
+            f"every step of {ctx.log_prefix}epoch {epoch + 1} had a non-finite loss and was skipped, so "
+            "training cannot go on; start over with --overwrite and a lower train.lr or a "
+            "train.max_grad_norm"
+        )
     ctx.state.step, ctx.state.partial = 0, {}
     return _epoch_stats(accelerator, totals, time.perf_counter() - start)
 
