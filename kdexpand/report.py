@@ -2,13 +2,15 @@
 
 Prints one row per experiment (runs whose recipes differ only in the seed and the output
 location) with mean ± sample standard deviation over its seeds. Exit status 0 on success,
-1 when no finished run is found or a path is missing.
+1 when no finished run is found, a path is missing or the plot cannot be written, 2 for
+invalid options.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kdexpand.analysis.runs import (
     IGNORED_KEYS,
@@ -47,8 +49,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _argument_error(args: argparse.Namespace) -> str | None:
+    """Return what is wrong with option combinations that argparse cannot check, or None."""
+    if args.curve and not args.plot:
+        return "--curve needs --plot FILE, which names the file to draw the curves into"
+    if args.plot:
+        plot = Path(args.plot)
+        if plot.is_dir() or not plot.suffix:
+            return f"--plot {args.plot} has no file extension; name a file such as curves.png, curves.pdf or curves.svg"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = _argument_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         runs, skipped = collect_runs(args.paths)
     except FileNotFoundError as error:
@@ -60,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the run directories has finished (no metrics.json); nothing to report", file=sys.stderr)
         return 1
 
+    known = set().union(*(run.recipe for run in runs))
+    for key in args.ignore:
+        if key not in known:
+            print(f"warning: --ignore {key}: no run's recipe has this key, so it changes nothing", file=sys.stderr)
     groups = summarize(group_runs(runs, args.ignore), args.metric)
     print(format_markdown(groups, args.metric) if args.format == "markdown" else format_csv(groups))
     if args.plot:

@@ -199,3 +199,68 @@ def test_report_on_real_runs(env, tmp_path):
     assert float(values["compact_best_mean"]) == pytest.approx(sum(best) / 2)
     assert float(values["compact_best_std"]) == pytest.approx(abs(best[0] - best[1]) / math.sqrt(2))
     assert float(values["compact_last_mean"]) == pytest.approx(sum(last) / 2)
+
+
+def test_labels_use_keys_differing_among_namesakes(three_seeds):
+    make_run(three_seeds / "lr" / "seed0", 0, 70.0, extra=("train.lr=0.05",))
+    make_run(three_seeds / "epochs" / "seed0", 0, 71.0, extra=("train.epochs=20",))
+    runs, _ = collect_runs([three_seeds])
+    labels = sorted(group.label for group in group_runs(runs))
+
+    assert labels == [
+        "cifar10_ck (train.epochs=150, train.lr=0.01)",
+        "cifar10_ck (train.epochs=150, train.lr=0.05)",
+        "cifar10_ck (train.epochs=20, train.lr=0.01)",
+    ]
+
+
+def test_analysis_setting_pools_runs(three_seeds):
+    make_run(three_seeds / "measured" / "seed3", 3, 80.5, extra=("analysis.gradient_confusion_batches=4",))
+    runs, _ = collect_runs([three_seeds])
+
+    assert len(group_runs(runs)) == 1
+
+
+def test_damaged_metrics_left_out(three_seeds):
+    broken = make_run(three_seeds / "ck" / "seed3", 3, 80.0)
+    (broken / "metrics.json").write_text('{"best": {"compact_top1": 8')
+    listed = make_run(three_seeds / "ck" / "seed4", 4, 80.0)
+    (listed / "metrics.json").write_text("[1, 2]")
+    runs, skipped = collect_runs([three_seeds])
+
+    assert len(runs) == 3
+    assert any("seed3: unreadable recipe.yaml or metrics.json (JSONDecodeError)" in line for line in skipped)
+    assert any("seed4: recipe.yaml or metrics.json is not a mapping" in line for line in skipped)
+
+
+def test_null_value_warns_and_plot_skips_it(three_seeds, tmp_path):
+    path = three_seeds / "ck" / "seed1" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["last"]["compact_top1"] = None
+    metrics["history"][4]["val_top1"] = None
+    path.write_text(json.dumps(metrics))
+    runs, _ = collect_runs([three_seeds])
+    group = summarize(group_runs(runs))[0]
+
+    assert "compact_last" not in group.statistics
+    assert "compact_best" in group.statistics
+    assert len(group.warnings) == 1
+    assert "compact_last is missing or null in 1 of 3 runs" in group.warnings[0]
+    assert main([str(three_seeds), "--plot", str(tmp_path / "curves.png")]) == 0
+
+
+def test_cli_rejects_plot_without_extension(three_seeds, tmp_path, capsys):
+    assert main([str(three_seeds), "--plot", str(tmp_path / "curves")]) == 2
+    assert "has no file extension" in capsys.readouterr().err
+    assert main([str(three_seeds), "--curve", "loss_total"]) == 2
+    assert "--curve needs --plot FILE" in capsys.readouterr().err
+
+
+def test_cli_warns_about_unknown_ignore_key(three_seeds, capsys):
+    assert main([str(three_seeds), "--ignore", "train.lrr"]) == 0
+    assert "warning: --ignore train.lrr: no run's recipe has this key" in capsys.readouterr().err
+
+
+def test_cli_accepts_metrics_file(three_seeds, capsys):
+    assert main([str(three_seeds / "ck" / "seed0" / "metrics.json")]) == 0
+    assert "| cifar10_ck | 1 | 0 |" in capsys.readouterr().out

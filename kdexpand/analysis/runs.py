@@ -35,11 +35,12 @@ __all__ = [
     "summarize",
 ]
 
-# Recipe keys that do not change what a run measures. ``name`` is left out too, so a copy
-# of a recipe under another file name pools with the original.
+# Recipe keys that do not change what a run measures (the analysis leaves training
+# bit-identical). ``name`` is left out too, so a copy of a recipe under another file name
+# pools with the original.
 IGNORED_KEYS = frozenset({
     "name", "train.seed", "train.log_every", "data.root", "data.cache",
-    "output.dir", "output.onnx", "output.tensorboard",
+    "output.dir", "output.onnx", "output.tensorboard", "analysis.gradient_confusion_batches",
 })
 
 
@@ -102,6 +103,8 @@ def _run_directories(paths: Iterable[str | Path]) -> list[Path]:
     """Return every folder with a ``recipe.yaml`` at or under ``paths``, in sorted order."""
     found: set[Path] = set()
     for path in map(Path, paths):
+        if path.is_file() and path.name in ("recipe.yaml", "metrics.json"):
+            path = path.parent
         if not path.is_dir():
             raise FileNotFoundError(f"run directory {path} not found; pass run directories or folders that contain them")
         found.update(recipe.parent for recipe in path.rglob("recipe.yaml"))
@@ -132,9 +135,16 @@ def collect_runs(paths: Iterable[str | Path]) -> tuple[list[RunRecord], list[str
         if not metrics_path.is_file():
             skipped.append(f"{directory}: no metrics.json (unfinished or failed run), left out")
             continue
-        recipe = flatten_keys(yaml.safe_load((directory / "recipe.yaml").read_text()))
-        metrics = json.loads(metrics_path.read_text())
-        runs.append(RunRecord(directory, recipe, metrics))
+        try:
+            recipe = yaml.safe_load((directory / "recipe.yaml").read_text())
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+            skipped.append(f"{directory}: unreadable recipe.yaml or metrics.json ({type(error).__name__}), left out")
+            continue
+        if not isinstance(recipe, dict) or not isinstance(metrics, dict):
+            skipped.append(f"{directory}: recipe.yaml or metrics.json is not a mapping, left out")
+            continue
+        runs.append(RunRecord(directory, flatten_keys(recipe), metrics))
     return runs, skipped
 
 
@@ -152,31 +162,38 @@ def _differing_keys(groups: Sequence[list[RunRecord]], ignored: frozenset[str]) 
     )
 
 
-def _label(runs: list[RunRecord], differing: list[str], ambiguous: bool) -> str:
-    label = "+".join(sorted({run.name for run in runs}))
-    if ambiguous:
-        first = runs[0].recipe
-        label += " (" + ", ".join(f"{key}={first.get(key)}" for key in differing[:3]) + ")"
-    return label
+def _name(runs: list[RunRecord]) -> str:
+    return "+".join(sorted({run.name for run in runs}))
+
+
+def _labels(grouped: list[list[RunRecord]], ignored: frozenset[str]) -> list[str]:
+    """Label groups by recipe name; groups that share a name also get the keys that tell them apart."""
+    names = [_name(runs) for runs in grouped]
+    labels = []
+    for runs, name in zip(grouped, names):
+        namesakes = [other for other, other_name in zip(grouped, names) if other_name == name]
+        if len(namesakes) == 1:
+            labels.append(name)
+            continue
+        differing = _differing_keys(namesakes, ignored)
+        shown = ", ".join(f"{key}={runs[0].recipe.get(key)}" for key in differing[:4])
+        more = f", +{len(differing) - 4} more" if len(differing) > 4 else ""
+        labels.append(f"{name} ({shown}{more})")
+    return labels
 
 
 def group_runs(runs: Sequence[RunRecord], ignore: Iterable[str] = ()) -> list[GroupSummary]:
     """Group ``runs`` by recipe, ignoring :data:`IGNORED_KEYS` and the extra keys ``ignore``.
 
-    Each group is labelled by its recipe names. Where two groups would get the same label,
-    the first three recipe keys that tell them apart are appended.
+    Each group is labelled by its recipe names. Groups that share a name also get the first
+    four recipe keys that differ among them, with their values.
     """
     ignored = IGNORED_KEYS | frozenset(ignore)
     by_key: dict[str, list[RunRecord]] = {}
     for run in runs:
         by_key.setdefault(_experiment_key(run, ignored), []).append(run)
     grouped = list(by_key.values())
-    differing = _differing_keys(grouped, ignored)
-    plain = [_label(group, differing, ambiguous=False) for group in grouped]
-    return [
-        GroupSummary(_label(group, differing, ambiguous=plain.count(name) > 1), group)
-        for group, name in zip(grouped, plain)
-    ]
+    return [GroupSummary(label, group) for label, group in zip(_labels(grouped, ignored), grouped)]
 
 
 def _duplicate_seed_warnings(group: GroupSummary) -> list[str]:
@@ -192,10 +209,17 @@ def _duplicate_seed_warnings(group: GroupSummary) -> list[str]:
 
 
 def _metric_values(group: GroupSummary, name: str, lookup) -> tuple[float, ...] | None:
+    """Return the statistic's value of every run, or None (with a warning if some have it)."""
     values = [lookup(run.metrics) for run in group.runs]
-    if any(value is None for value in values):
-        return None
-    return tuple(float(value) for value in values)
+    missing = [str(run.path) for run, value in zip(group.runs, values) if value is None]
+    if not missing:
+        return tuple(float(value) for value in values)
+    if len(missing) < len(values):
+        group.warnings.append(
+            f"{group.label}: {name} is missing or null in {len(missing)} of {len(values)} runs "
+            f"({', '.join(missing)}), so it is left out of the table"
+        )
+    return None
 
 
 def summarize(groups: Sequence[GroupSummary], metric: str = "top1") -> list[GroupSummary]:
@@ -217,11 +241,12 @@ def summarize(groups: Sequence[GroupSummary], metric: str = "top1") -> list[Grou
     }
     for group in groups:
         group.statistics = {}
+        group.warnings = []
         for name, lookup in lookups.items():
             values = _metric_values(group, name, lookup)
             if values is not None:
                 group.statistics[name] = Statistic(values)
-        if "compact_best" not in group.statistics:
+        if all(run.metrics.get("best", {}).get(f"compact_{metric}") is None for run in group.runs):
             group.warnings.append(f"{group.label}: no run has compact_{metric} in metrics.json; check --metric")
         group.warnings.extend(_duplicate_seed_warnings(group))
     return list(groups)
@@ -264,12 +289,22 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
     return "\n".join(rows)
 
 
+def _history_values(run: RunRecord, key: str) -> dict[int, float]:
+    """Return ``{epoch: value}`` of ``key`` in the run's epoch history, null values left out."""
+    values = {}
+    for entry in run.metrics.get("history", []):
+        if isinstance(entry, dict) and isinstance(entry.get(key), (int, float)) and "epoch" in entry:
+            values[entry["epoch"]] = float(entry[key])
+    return values
+
+
 def plot_curves(groups: Sequence[GroupSummary], path: str | Path, key: str = "val_top1") -> Path:
     """Plot the per-epoch history value ``key`` of every group, mean line and ± std band, to ``path``.
 
     ``key`` is any entry of the epoch history in ``metrics.json``: ``val_top1``,
     ``loss_total``, ``grad_cos_min`` (with ``analysis.gradient_confusion_batches``) and so on.
-    Epochs that not every run of a group reached are left out of that group's curve.
+    Entries are matched by their ``epoch`` field. Epochs that not every run of a group has a
+    finite value for (not reached, or written as null) are left out of that group's curve.
 
     Raises:
         ValueError: No run has ``key`` in its history, or ``path`` has an unknown format.
@@ -282,12 +317,11 @@ def plot_curves(groups: Sequence[GroupSummary], path: str | Path, key: str = "va
     figure, axes = plt.subplots(figsize=(7, 4.5))
     plotted = 0
     for group in groups:
-        curves = [[entry[key] for entry in run.metrics.get("history", []) if key in entry] for run in group.runs]
-        length = min(len(curve) for curve in curves)
-        if length == 0:
+        curves = [_history_values(run, key) for run in group.runs]
+        epochs = sorted(set.intersection(*(set(curve) for curve in curves)))
+        if not epochs:
             continue
-        epochs = range(1, length + 1)
-        per_epoch = [Statistic(tuple(curve[index] for curve in curves)) for index in range(length)]
+        per_epoch = [Statistic(tuple(curve[epoch] for curve in curves)) for epoch in epochs]
         means = [statistic.mean for statistic in per_epoch]
         spreads = [0.0 if statistic.count == 1 else statistic.std for statistic in per_epoch]
         axes.plot(epochs, means, label=f"{group.label} (n={len(group.runs)})")
