@@ -360,3 +360,24 @@ def _alive(pid: int) -> bool:
     # A zombie child of another process also answers; /proc tells them apart.
     status = Path(f"/proc/{pid}/status")
     return not status.is_file() or "State:\tZ" not in status.read_text()
+
+
+def test_repeated_signal_within_a_second_counts_once():
+    from kdexpand.trainer.interrupt import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        recorded = stop.signal_number
+
+    assert recorded == signal.SIGTERM
+
+
+def test_later_second_signal_acts_at_once(monkeypatch):
+    from kdexpand.trainer import interrupt
+
+    monkeypatch.setattr(interrupt, "_REPEAT_SECONDS", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.StopRequest():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)

@@ -3,9 +3,10 @@
 While a :class:`StopRequest` is entered, SIGINT and SIGTERM only set a flag. The trainer
 polls the flag after every optimizer step and before every epoch, saves a checkpoint there
 and raises :class:`TrainingInterrupted`. The command line prints the resume command and
-exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM). The first signal also
-restores the previous handlers, so a second one stops the process at once (the last
-complete checkpoint is kept either way).
+exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM). A second signal more
+than a second after the first stops the process at once through the previous handlers (the
+last complete checkpoint is kept either way); one within a second is the same request
+delivered twice and is ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -28,6 +30,9 @@ __all__ = ["StopRequest", "TrainingInterrupted", "stop_with_launcher"]
 logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# A second signal this soon after the first is taken as the same request, not as "stop now".
+_REPEAT_SECONDS = 1.0
 
 # Environment variables that ``accelerate launch`` and ``torchrun`` set in the processes they start.
 _LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
@@ -88,6 +93,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_number = 0
+        self._first_seconds = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -109,8 +115,17 @@ class StopRequest:
         self._previous.clear()
 
     def _record(self, number: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.signal_number:
+            if now - self._first_seconds < _REPEAT_SECONDS:
+                # The same request delivered twice: a launcher that passes the signal on and
+                # then exits makes the kernel send the parent-death signal as well.
+                return
+            self._restore()
+            signal.raise_signal(number)
+            return
         self.signal_number = number
-        self._restore()
+        self._first_seconds = now
         logger.warning(
             "received %s: training stops after the current step and saves a checkpoint; "
             "send the signal again to stop at once (the last complete checkpoint is kept)",
