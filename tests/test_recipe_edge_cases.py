@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+
+from recipe_failures import assert_fails_before_training
 
 from kdexpand.recipe import RecipeError, dump_recipe, load_recipe
 
@@ -101,23 +102,9 @@ def case_args(tmp_path, junk_file):
 @pytest.mark.parametrize(("text", "overrides", "status", "fragments"), [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
 def test_edge_case_fails_before_training(env, monkeypatch, case_args, tmp_path, capsys, text, overrides, status, fragments):
-    from kdexpand.train import main
-
-    for name in ("KDEXPAND_DATA", "KDEXPAND_CACHE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, env[name])
-    try:
-        returned = main(case_args(text, overrides))
-    finally:
-        torch.use_deterministic_algorithms(False)
-    error = capsys.readouterr().err
-
-    assert returned == status, error
-    lines = [line for line in error.splitlines() if line.strip()]
-    assert len(lines) == 1, error
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert not (tmp_path / "run").exists()
+    assert_fails_before_training(
+        case_args(text, overrides), env, monkeypatch, capsys, tmp_path / "run", status, fragments
+    )
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -18,6 +18,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from recipe_failures import assert_fails_before_training
+
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "recipes" / "cifar10_ck.yaml"
 KD_STUDENT = REPO / "recipes" / "cifar10_ck_kd.yaml"
@@ -145,23 +147,9 @@ def test_table_has_twenty_cases():
 @pytest.mark.parametrize(("text", "overrides", "status", "fragments"), [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
 def test_bad_recipe_fails_before_training(env, monkeypatch, case_args, tmp_path, capsys, text, overrides, status, fragments):
-    from kdexpand.train import main
-
-    for name in ("KDEXPAND_DATA", "KDEXPAND_CACHE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, env[name])
-    try:
-        returned = main(case_args(text, overrides))
-    finally:
-        torch.use_deterministic_algorithms(False)
-    error = capsys.readouterr().err
-
-    assert returned == status, error
-    lines = [line for line in error.splitlines() if line.strip()]
-    assert len(lines) == 1, error
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert not (tmp_path / "run").exists()
+    assert_fails_before_training(
+        case_args(text, overrides), env, monkeypatch, capsys, tmp_path / "run", status, fragments
+    )
     assert not (tmp_path / "created").exists()
 
 
