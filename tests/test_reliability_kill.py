@@ -357,7 +357,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie child of another process also answers; /proc tells them apart.
+    # kill(pid, 0) also succeeds for a zombie, so /proc tells a finished process apart.
     status = Path(f"/proc/{pid}/status")
     return not status.is_file() or "State:\tZ" not in status.read_text()
 

@@ -4,9 +4,9 @@ While a :class:`StopRequest` is entered, SIGINT and SIGTERM only set a flag. The
 polls the flag after every optimizer step and before every epoch, saves a checkpoint there
 and raises :class:`TrainingInterrupted`. The command line prints the resume command and
 exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM). A second signal more
-than a second after the first stops the process at once through the previous handlers (the
-last complete checkpoint is kept either way); one within a second is the same request
-delivered twice and is ignored.
+than a second after the first stops the process at once through the previous handlers, and
+the last complete checkpoint is kept. A second signal within a second is the same request
+delivered twice, so it is ignored.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def _train_and_save_epoch(ctx: RunContext, epoch: int, stop: StopRequest) -> Non
 
 
 def _measure_gradient_confusion(ctx: RunContext, epoch: int) -> dict[str, float]:
-    """Return the gradient confusion after ``epoch`` when the recipe asks for it, else nothing.
+    """Return the gradient confusion after ``epoch`` when the recipe requests it, else an empty dict.
 
     Every process measures the same mini-batches (the first ones of the next epoch's order
     on one shard) with the same weights, so histories agree without communication.

@@ -3,7 +3,7 @@
 An epoch may start in its middle and end early. After a mid-epoch checkpoint,
 ``ctx.state.step`` batches are done and ``ctx.state.partial`` contains their running sums, so
 the epoch continues at the next batch with the same data order and random state. When a
-signal asks for a stop (see :mod:`kdexpand.trainer.interrupt`), the epoch returns at the
+signal requests a stop (see :mod:`kdexpand.trainer.interrupt`), the epoch returns at the
 next optimizer step with ``ctx.state.step`` and ``ctx.state.partial`` set for a checkpoint.
 """
 
@@ -77,7 +77,7 @@ def nonfinite_parts(parts: dict[str, torch.Tensor], accelerator: Accelerator) ->
 def _on_nonfinite(ctx: RunContext, what: str, details: str, epoch: int, step: int, totals: _EpochTotals) -> None:
     """Stop the run, or count and log the skipped step, as ``train.on_nonfinite`` sets.
 
-    ``what`` is not finite (``loss`` or ``gradient``), and ``details`` say where, e.g. ``task=nan``.
+    ``what`` is the non-finite quantity (``loss`` or ``gradient``), and ``details`` name the failing terms, e.g. ``task=nan``.
 
     Raises:
         LossCheckError: ``on_nonfinite`` is ``stop``; names the step, the details and the last
